@@ -1,0 +1,126 @@
+"""Lazy reading of a safetensors checkpoint and crash-safe writing of output files.
+
+Nothing is loaded until asked for: the engine materializes one block's tensors at a time, so memory does
+not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from romcomp.errors import RomcompError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class LazyCheckpoint:
+    """Tensor name → shard file map from the index (or the single file), read on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.weight_map = self._read_weight_map()
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.directory / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise RomcompError(f"corrupt checkpoint index {index}: {e}") from None
+            for shard in sorted(set(weight_map.values())):
+                if not (self.directory / shard).exists():
+                    raise RomcompError(f"checkpoint shard {self.directory / shard} named in the index is missing")
+            return weight_map
+        single = self.directory / SINGLE_NAME
+        if not single.exists():
+            raise RomcompError(f"no {INDEX_NAME} or {SINGLE_NAME} in {self.directory}")
+        with self._open(SINGLE_NAME) as f:
+            return dict.fromkeys(f.keys(), SINGLE_NAME)
+
+    def _open(self, shard: str):
+        try:
+            return safe_open(str(self.directory / shard), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise RomcompError(f"cannot read checkpoint shard {self.directory / shard}: {e}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, checked to be finite (a NaN in the source is reported by name, not propagated)."""
+        if name not in self.weight_map:
+            raise RomcompError(f"tensor '{name}' is missing from the checkpoint index in {self.directory}")
+        shard = self.weight_map[name]
+        try:
+            with self._open(shard) as f:
+                tensor = f.get_tensor(name)
+        except RomcompError:
+            raise
+        except Exception as e:
+            raise RomcompError(f"cannot read tensor '{name}' from {self.directory / shard}: {e}") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RomcompError(f"tensor '{name}' in {self.directory / shard} contains NaN or Inf")
+        return tensor
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self.get(n) for n in names}
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def weight_bytes(self) -> int:
+        """Size on disk of the weight files."""
+        return sum((self.directory / s).stat().st_size for s in set(self.weight_map.values()))
+
+    def num_params(self) -> int:
+        """Parameter count read from the headers only."""
+        total = 0
+        for shard in sorted(set(self.weight_map.values())):
+            with self._open(shard) as f:
+                for name in f.keys():
+                    total += int(torch.Size(f.get_slice(name).get_shape()).numel())
+        return total
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``save_file`` under a temporary name, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

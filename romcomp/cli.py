@@ -1,0 +1,96 @@
+"""Thin typer CLI over :class:`romcomp.config.CompressConfig`.
+
+``romcomp MODEL [options]`` is the compress command; other commands are subcommands (``romcomp compress``
+is the explicit spelling). A model path that collides with a subcommand name can be written ``./name``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from romcomp.errors import RomcompError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Low-rank (reduced-order model) compression of decoder LLMs, block by block, on a CPU.",
+)
+SUBCOMMANDS = {"compress"}
+
+EXAMPLES = """
+Examples:
+
+  romcomp smollm2-135m --ratio 0.3 --max-ram 4GB
+
+  romcomp meta-llama/Llama-2-7b-hf --ratio 0.3 --max-ram 24GB --out llama2-7b-r0.3
+
+  romcomp ./my-model --ratio 0.2 --calib wikitext2 --n-samples 64 --threads 2
+"""
+
+
+@app.command(epilog=EXAMPLES)
+def compress(
+    model: Annotated[str, typer.Argument(help="Local HF directory, .gguf file, alias (smollm2-135m, llama2-7b, …) or hub id.")],
+    ratio: Annotated[float, typer.Option(help="Fraction of the decoder-block linear parameters to remove, in (0, 1).")],
+    max_ram: Annotated[str | None, typer.Option(help="Memory budget, e.g. 4GB or 24GiB (default: 80% of available).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: <model>-r<ratio>).")] = None,
+    method: Annotated[str, typer.Option(help="Decomposition method: rom (default) or svd.")] = "rom",
+    calib: Annotated[str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")] = "c4",
+    n_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")] = None,
+    calib_stream: Annotated[str, typer.Option(help="Calibrate each block on the 'compressed' or the 'dense' model's activations.")] = "compressed",
+    sequential: Annotated[bool, typer.Option(help="Fit a block's linear groups one after another.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Discard a previous romcomp output in --out and start over.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Compress MODEL by ROM, block by block, and write a directory transformers loads."""
+    import romcomp
+    from romcomp.config import CompressConfig
+    from romcomp.report import summary
+
+    cfg = CompressConfig(
+        model=model, ratio=ratio, out=out, max_ram=max_ram, method=method, calib=calib, n_samples=n_samples,
+        seq_len=seq_len, seed=seed, data_dir=data_dir, calib_stream=calib_stream, sequential=sequential,
+        threads=threads, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    result = romcomp.api.run(cfg)
+    typer.echo(summary(result))
+
+
+@app.callback()
+def _root() -> None:
+    """romcomp MODEL [options] compresses; see `romcomp compress --help` for the options."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: route ``romcomp MODEL ...`` to ``compress`` and map errors to exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+        args.insert(0, "compress")
+    try:
+        app(args=args, prog_name="romcomp", standalone_mode=False)
+    except RomcompError as e:
+        typer.echo(f"romcomp: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("romcomp: aborted", err=True)
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""``--max-ram``: parse the budget, estimate a run's peak from the model config, and pick a plan.
+
+The estimate is a sum of the buffers the engine really holds at its peak (one block's weights in fp32,
+the float64 covariances of one block, the decomposition workspace of its largest matrix, the activation
+cache, the forward temporaries of one batch, and the runtime's own baseline). When nothing fits, the run is
+refused before any work, naming the smallest budget that would work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+from dataclasses import asdict, dataclass
+
+from romcomp.errors import BadInputError
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}  # fmt: skip
+
+RUNTIME_BASELINE = 700 * 2**20  # python + torch + transformers after import, measured ~600 MiB here
+BATCH_CHOICES = (8, 4, 2, 1)
+
+
+def parse_size(text: str) -> int:
+    """``"4GB"`` → 4·10⁹, ``"24GiB"``/``"24G"`` → 24·2³⁰ bytes. A unit is required."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text or "")
+    if not m or m.group(2).lower() not in _UNITS:
+        raise BadInputError(f"cannot parse memory size '{text}' (use e.g. 4GB, 24GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable binary size."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the estimate needs to know about the model."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    block_params: int
+    largest_in: int  # the largest input dimension of a block linear
+    largest_out: int
+    cov_dims: tuple[int, ...]  # input dims of the groups (one covariance each)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen buffers and the estimated peak (bytes)."""
+
+    budget: int
+    estimate: int
+    batch_size: int
+    activations_in_ram: bool
+    parts: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool) -> dict[str, int]:
+    """Peak bytes by part for one configuration."""
+    f32, f64 = 4, 8
+    token_bytes = seq_len * dims.hidden * f32
+    act = 2 * (n_samples if in_ram else batch) * token_bytes  # input + output streams
+    big = max(dims.largest_in, dims.largest_out)
+    small = min(dims.largest_in, dims.largest_out)
+    return {
+        "runtime": RUNTIME_BASELINE,
+        "block weights (source + fp32 + factors)": 3 * dims.block_params * f32,
+        "covariances (float64)": sum((d + 1) ** 2 for d in dims.cov_dims) * f64,
+        "decomposition workspace (float64)": 4 * small * small * f64 + 3 * big * small * f64,
+        "activation cache": act,
+        "forward temporaries": batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
+        + batch * dims.heads * seq_len * seq_len * f32 * 2,
+        "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,
+    }
+
+
+def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int) -> MemoryPlan:
+    """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum."""
+    best: tuple[int, dict[str, int]] | None = None
+    for in_ram in (True, False):
+        for batch in BATCH_CHOICES:
+            parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram)
+            total = sum(parts.values())
+            if total <= budget:
+                return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts)
+            if best is None or total < best[0]:
+                best = (total, parts)
+    assert best is not None
+    raise BadInputError(
+        f"--max-ram {fmt_bytes(budget)} is too small for this model and calibration set; "
+        f"the smallest plan needs about {fmt_bytes(best[0] * 1.05)} (activations spilled to disk, batch 1)"
+    )
+
+
+def peak_rss() -> int:
+    """Process RSS high-water mark in bytes (``ru_maxrss``; file pages mapped and touched count too)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_heap() -> None:
+    """Hand freed heap back to the OS between blocks so the RSS stays flat (glibc ``malloc_trim``)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass

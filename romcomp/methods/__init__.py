@@ -1,0 +1,29 @@
+"""Registry of decomposition methods: ``decompose(W, bias, stats, rank) -> Factors`` pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from romcomp.errors import BadInputError
+from romcomp.methods import rom, svd
+from romcomp.methods.base import Factors, InputStats
+
+Decompose = Callable[[torch.Tensor, "torch.Tensor | None", InputStats, int], Factors]
+
+METHODS: dict[str, Decompose] = {
+    "rom": rom.decompose,
+    "svd": svd.decompose,
+}
+
+
+def get_method(name: str) -> Decompose:
+    """Look a method up by name; unknown names are bad input."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise BadInputError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}") from None
+
+
+__all__ = ["METHODS", "Factors", "InputStats", "get_method"]

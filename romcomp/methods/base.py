@@ -1,0 +1,60 @@
+"""Shared types of the decomposition methods: what a method receives and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class InputStats:
+    """Second-moment statistics of one linear's inputs, accumulated in float64.
+
+    ``xtx`` is the sum of ``x xᵀ`` and ``xsum`` the sum of ``x`` over ``count`` calibration tokens; the
+    sums (not means) are kept so that accumulation over batches is exact and order-independent enough.
+    """
+
+    xtx: torch.Tensor
+    xsum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int) -> InputStats:
+        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``E[x xᵀ]`` (uncentred), symmetrized."""
+        m = self.xtx / max(self.count, 1)
+        return (m + m.T) / 2
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.xsum / max(self.count, 1)
+
+
+@dataclass
+class Factors:
+    """``W ≈ up @ down`` (+ ``bias``): ``down`` is k×d_in, ``up`` is d_out×k, both float32."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    bias: torch.Tensor | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """The reconstructed weight (for tests and error measurement)."""
+        return self.up.double() @ self.down.double()
+
+    def check_finite(self, name: str) -> None:
+        """Never emit NaN/Inf weights silently."""
+        for label, t in (("down", self.down), ("up", self.up), ("bias", self.bias)):
+            if t is not None and not torch.isfinite(t).all():
+                from romcomp.errors import RomcompError
+
+                raise RomcompError(f"non-finite values in the {label} factor of {name}")

@@ -1,0 +1,45 @@
+"""ROM (LLM-ROM, Chavan et al. 2023): project each linear's outputs onto their top principal directions.
+
+For ``y = W x + b`` the outputs' second moment is ``C = W̃ Σ̃ W̃ᵀ`` with the augmented ``W̃ = [W b]`` and
+``Σ̃ = E[x̃ x̃ᵀ]`` for ``x̃ = [x; 1]``, so input statistics suffice. With ``V_k`` the top-k eigenvectors of
+``C`` the layer becomes ``V_k (V_kᵀ W) x + V_k V_kᵀ b``: the rank-k map that minimizes the expected squared
+output error on the calibration distribution.
+
+We do not mean-centre: the uncentred second moment makes the projection reproduce the outputs' mean too,
+which a centred PCA would lose unless a bias were added to layers that have none (Llama has none).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from romcomp.methods.base import Factors, InputStats
+from romcomp.methods.linalg import top_output_subspace
+
+
+def augmented(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W̃, Σ̃)`` in float64: the bias folded in as a weight on a constant-1 input."""
+    w = weight.double()
+    sigma = stats.second_moment
+    if bias is None:
+        return w, sigma
+    mu = stats.mean
+    w_aug = torch.cat([w, bias.double()[:, None]], dim=1)
+    top = torch.cat([sigma, mu[:, None]], dim=1)
+    bottom = torch.cat([mu, torch.ones(1, dtype=torch.float64)])[None, :]
+    return w_aug, torch.cat([top, bottom], dim=0)
+
+
+def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
+    """Rank-``rank`` ROM factors of one linear layer."""
+    w_aug, sigma = augmented(weight, bias, stats)
+    basis, notes = top_output_subspace(w_aug, sigma, rank)
+    w = weight.double()
+    down = basis.T @ w
+    new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
+    return Factors(
+        down=down.float().contiguous(),
+        up=basis.float().contiguous(),
+        bias=None if new_bias is None else new_bias.float(),
+        notes=notes,
+    )

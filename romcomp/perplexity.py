@@ -1,0 +1,182 @@
+"""Perplexity on WikiText-2 / PTB test text with the GPTQ / SVD-LLM protocol, memory-bounded.
+
+Protocol (so numbers compare with published ones): the test split's rows are joined with
+``"\\n\\n"`` and tokenized once with the tokenizer's defaults (a Llama-style tokenizer thus puts a
+single BOS at the very start of the stream, none elsewhere); the ids are cut into non-overlapping
+windows ``ids[i*L:(i+1)*L]`` (the tail shorter than L is dropped); inside each window tokens 1..L-1
+are scored given their prefix; ``ppl = exp(mean NLL over all scored tokens)``.
+
+Memory: full-vocabulary logits for a batch (4 x 512 x 49k floats = 400 MB for SmolLM2, 1 GB for a
+128k vocabulary) would dominate the footprint on a CPU box, so the decoder's final hidden states are
+computed once and the LM head is applied to ``_LOGIT_CHUNK`` positions at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calib.datasets import DATA_DIR_ENV, STREAM_JOINER, hf_ptb_rows, hf_wikitext_rows, resolve_data_dir
+from romcomp.errors import BadInputError, RomcompError
+
+_LOGIT_CHUNK = 256
+WIKITEXT2_TEST = "wikitext2_raw/wiki.test.raw"
+PTB_TEST = "ptb/ptb.test.txt"
+
+
+@dataclass
+class PerplexityResult:
+    """``ppl = exp(nll)``; ``nll`` is the mean over ``tokens_scored = windows * (seq_len - 1)`` tokens."""
+
+    ppl: float
+    nll: float
+    tokens_scored: int
+    windows: int
+    seq_len: int
+
+
+def wikitext2_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
+    """Token ids of the WikiText-2 raw test split, exactly as ``tokenizer("\\n\\n".join(test["text"]))``.
+
+    ``test["text"]`` are the Hugging Face ``wikitext-2-raw-v1`` rows, rebuilt from ``wiki.test.raw``
+    line by line (non-blank lines keep their ``\\n``, blank lines become ``""``). The joined text is
+    *not* the file content: it has extra newlines, and perplexities depend on them.
+    """
+    rows = hf_wikitext_rows(_eval_file(WIKITEXT2_TEST, data_dir).read_bytes())
+    return _encode_eval(tokenizer, STREAM_JOINER.join(rows))
+
+
+def ptb_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
+    """Token ids of the PTB test split: ``ptb_text_only`` rows (stripped lines) joined with ``"\\n\\n"``.
+
+    This is SVD-LLM's protocol (same joiner as for WikiText-2); GPTQ's ``ptb-new`` joins with ``" "``.
+    """
+    rows = hf_ptb_rows(_eval_file(PTB_TEST, data_dir).read_bytes())
+    return _encode_eval(tokenizer, STREAM_JOINER.join(rows))
+
+
+def _eval_file(relpath: str, data_dir: str | Path | None) -> Path:
+    root = resolve_data_dir(data_dir)
+    path = root / relpath if root is not None else None
+    if path is None or not path.is_file():
+        looked = str(path) if path is not None else f"<data dir>/{relpath} (no data dir found)"
+        raise RomcompError(
+            f"evaluation text not found: looked for {looked}. "
+            f"Point --data-dir or ${DATA_DIR_ENV} at a directory containing {relpath}"
+        )
+    return path
+
+
+def _encode_eval(tokenizer: Any, text: str) -> torch.LongTensor:
+    """Tokenize with the tokenizer's defaults (special tokens included), as the reference code does."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    return ids.to(torch.long)
+
+
+def perplexity(
+    model: nn.Module,
+    ids: torch.LongTensor,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+) -> PerplexityResult:
+    """Perplexity of ``model`` over the first ``max_windows`` (default: all) full windows of ``ids``.
+
+    Runs in inference mode and in eval mode (restoring the previous train/eval state afterwards).
+    """
+    windows = _windows(ids, seq_len, max_windows)
+    if batch_size < 1:
+        raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model)
+    total_nll = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in windows.split(batch_size):
+                batch = batch.to(device)
+                total_nll += _batch_nll(model, batch)
+    finally:
+        model.train(was_training)
+    scored = windows.shape[0] * (seq_len - 1)
+    nll = total_nll / scored
+    return PerplexityResult(math.exp(nll), nll, scored, windows.shape[0], seq_len)
+
+
+def _windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """``[n, seq_len]`` non-overlapping windows from the start of ``ids`` (1-D or ``[1, T]``)."""
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise BadInputError(f"ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
+    if seq_len < 2:
+        raise BadInputError(f"seq_len must be >= 2 to score any token, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise BadInputError(f"max_windows must be >= 1 or None, got {max_windows}")
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise BadInputError(f"{ids.numel()} tokens are too few for one window of seq_len={seq_len}")
+    count = available if max_windows is None else min(available, max_windows)
+    return ids[: count * seq_len].to(torch.long).view(count, seq_len)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _batch_nll(model: nn.Module, batch: torch.Tensor) -> float:
+    """Summed NLL of tokens 1..L-1 of every window, never holding more than a chunk of logits."""
+    hidden = _final_hidden(model, batch)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise RomcompError(f"{type(model).__name__} has no output embeddings (LM head) to score tokens with")
+    states = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    targets = batch[:, 1:].reshape(-1)
+    total = 0.0
+    for start in range(0, targets.numel(), _LOGIT_CHUNK):
+        stop = start + _LOGIT_CHUNK
+        logits = _apply_logit_transforms(getattr(model, "config", None), head(states[start:stop])).float()
+        total += F.cross_entropy(logits, targets[start:stop], reduction="sum").item()
+    return total
+
+
+def _final_hidden(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Final (post-norm) hidden states ``[B, L, H]`` that the LM head turns into logits.
+
+    Prefers the decoder module; models without a separate one are run whole with
+    ``output_hidden_states`` and ``logits_to_keep=1`` so that they, too, skip full logits.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is not None and decoder is not model:
+        out = decoder(input_ids=batch, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    try:
+        out = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    except TypeError:
+        out = model(input_ids=batch, use_cache=False, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def _apply_logit_transforms(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Post-head logit scaling some architectures apply inside ``forward`` (Granite, Cohere, Gemma 2/3).
+
+    Applying the head by hand would otherwise skip these and report a wrong perplexity.
+    """
+    scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if scaling:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

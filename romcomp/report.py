@@ -1,0 +1,59 @@
+"""The end-of-run summary: the numbers a user checks first, printed as plain aligned tables."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from romcomp.api import CompressResult
+from romcomp.memory import fmt_bytes
+
+
+def rank_table(result: CompressResult) -> list[str]:
+    """One row per linear kind (q_proj, …): shape, ranks over blocks, parameters kept."""
+    by_kind: dict[str, list] = defaultdict(list)
+    for s in result.shapes:
+        by_kind[s.name.rsplit(".", 1)[-1]].append(s)
+    lines = [f"{'linear':<10} {'d_in→d_out':>13} {'rank (min/max)':>15} {'kept':>7}"]
+    for kind, shapes in by_kind.items():
+        ranks = [result.ranks.get(s.name) for s in shapes]
+        kept = sum(s.factored_params(r) if r else s.dense_params for s, r in zip(shapes, ranks))
+        dense = sum(s.dense_params for s in shapes)
+        real = [r for r in ranks if r]
+        span = "dense" if not real else f"{min(real)}/{max(real)}" + (" +dense" if len(real) < len(ranks) else "")
+        lines.append(f"{kind:<10} {f'{shapes[0].d_in}→{shapes[0].d_out}':>13} {span:>15} {kept / dense:>7.1%}")
+    return lines
+
+
+def summary(result: CompressResult) -> str:
+    """The full summary block printed at the end of ``romcomp MODEL``."""
+    bt = result.block_times.values()
+    fwd, dec, wr = (sum(getattr(t, k) for t in bt) for k in ("forward", "decompose", "write"))
+    n = max(len(result.block_times), 1)
+    lines = [
+        f"source       {result.source}",
+        f"calibration  {result.calibration}",
+        f"method       {result.method}, ratio {result.ratio:g} ({result.allocation} ranks); "
+        f"block linears removed: {result.linear_ratio_removed:.2%}",
+        "",
+        *rank_table(result),
+        "",
+        f"{'':<22} {'before':>14} {'after':>14} {'change':>8}",
+        f"{'parameters (model)':<22} {result.params_before:>14,} {result.params_after:>14,} "
+        f"{result.params_after / result.params_before - 1:>8.1%}",
+        f"{'parameters (linears)':<22} {result.linear_before:>14,} {result.linear_after:>14,} "
+        f"{result.linear_after / result.linear_before - 1:>8.1%}",
+        f"{'weights on disk':<22} {fmt_bytes(result.bytes_before):>14} {fmt_bytes(result.bytes_after):>14} "
+        f"{result.bytes_after / result.bytes_before - 1:>8.1%}",
+        "",
+        f"time         {result.seconds:.1f} s total; per block {fwd / n:.2f} s forward+covariance, "
+        f"{dec / n:.2f} s decomposition, {wr / n:.2f} s write"
+        + (f" ({result.resumed_blocks} blocks resumed from a previous run)" if result.resumed_blocks else ""),
+        f"memory       peak RSS {fmt_bytes(result.peak_rss)} (plan {fmt_bytes(result.plan.estimate)} of "
+        f"{fmt_bytes(result.plan.budget)}; batch {result.plan.batch_size}, activations "
+        f"{'in RAM' if result.plan.activations_in_ram else 'spilled to disk'})",
+    ]
+    if result.notes:
+        count = sum(len(v) for v in result.notes.values())
+        lines.append(f"numerics     {count} guarded case(s); see {result.out}/.romcomp/manifest.json")
+    lines.append(f"output       {result.out}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""The streaming engine end to end on tiny random checkpoints: exactness, loading, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import romcomp
+from romcomp.api import run
+from romcomp.config import CompressConfig
+from romcomp.errors import BadInputError, RomcompError
+
+SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
+
+
+def logits(model_dir: Path, ids: torch.Tensor, **kw) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw)
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def full_ranks(model_dir: Path) -> dict[str, int]:
+    """Rank min(d_in (+1 with bias), d_out) for every linear: ROM is then exact."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ranks = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            ranks[name] = min(mod.in_features + int(mod.bias is not None), mod.out_features)
+    return ranks
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_full_rank_rom_reproduces_logits(fixture, request, tmp_path, data_dir):
+    src = request.getfixturevalue(fixture)
+    out = tmp_path / "out"
+    run(CompressConfig(model=str(src), ratio=0.5, out=out, data_dir=data_dir, ranks=full_ranks(src), **SMALL))
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    dense = logits(src, ids)
+    compressed = logits(out, ids, trust_remote_code=True)
+    # float32 factors of float64 projections: agreement to ~1e-5 relative to logits of magnitude ~1.
+    torch.testing.assert_close(compressed, dense, rtol=1e-4, atol=2e-4)
+
+
+def test_output_loads_without_missing_keys_and_generates(tiny_qwen2, tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = run(CompressConfig(model=str(tiny_qwen2), ratio=0.4, out=out, data_dir=data_dir, **SMALL))
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.num_parameters() == result.params_after < result.params_before
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "LowRankLinear" and layer.up.bias is not None  # Qwen2 q/k/v bias kept
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "romcomp_qwen2" and config["romcomp"]["ranks"] == result.ranks
+    assert "c4" in config["romcomp"]["calibration"]
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 8)
+    assert abs(result.linear_ratio_removed - 0.4) < 0.02
+
+
+def test_dense_loading_fails_loudly(tiny_llama, tmp_path, data_dir):
+    out = tmp_path / "out"
+    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    code = f"from transformers import AutoModelForCausalLM as M; M.from_pretrained({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "trust_remote_code" in proc.stderr
+
+
+def test_registered_auto_classes_load_without_remote_code(tiny_llama, tmp_path, data_dir):
+    out = tmp_path / "out"
+    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    assert romcomp.__version__
+    model = AutoModelForCausalLM.from_pretrained(out)  # works because `import romcomp` registered the classes
+    assert type(model).__name__ == "RomcompLlamaForCausalLM"
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, data_dir, monkeypatch):
+    cfg = dict(model=str(tiny_llama), ratio=0.3, data_dir=data_dir, **SMALL)
+    run(CompressConfig(out=tmp_path / "a", **cfg))
+    from romcomp.engine import Engine
+
+    original, calls = Engine.free_block, []
+
+    def crash_after_two(self, index):
+        original(self, index)
+        calls.append(index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "free_block", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(CompressConfig(out=tmp_path / "b", **cfg))
+    assert not (tmp_path / "b" / "config.json").exists()  # incomplete output does not look complete
+    manifest = json.loads((tmp_path / "b" / ".romcomp" / "manifest.json").read_text())
+    assert manifest["blocks_done"] == [0, 1] and manifest["status"] == "running"
+    monkeypatch.setattr(Engine, "free_block", original)
+    result = run(CompressConfig(out=tmp_path / "b", **cfg))
+    assert result.resumed_blocks == 2
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert not list((tmp_path / "b" / ".romcomp").glob("acts-*"))  # work files cleaned up
+
+
+def test_rerun_with_other_arguments_is_refused(tiny_llama, tmp_path, data_dir):
+    out = tmp_path / "out"
+    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    again = run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    assert again.resumed_blocks == 3  # complete: nothing recomputed
+    with pytest.raises(BadInputError, match="different arguments .*ratio"):
+        run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, data_dir=data_dir, **SMALL))
+    run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, data_dir=data_dir, overwrite=True, **SMALL))
+    assert json.loads((out / "config.json").read_text())["romcomp"]["ratio"] == 0.4
+
+
+def test_foreign_directory_is_never_overwritten(tiny_llama, tmp_path, data_dir):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(BadInputError, match="not a romcomp output"):
+        run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, overwrite=True, **SMALL))
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_source_change_refuses_resume(tmp_path, data_dir, monkeypatch):
+    from tests.conftest import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    from romcomp.engine import Engine
+
+    monkeypatch.setattr(Engine, "free_block", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(CompressConfig(model=str(src), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    monkeypatch.undo()
+    make_tiny_model(src, "llama", seed=1)  # rewrite the checkpoint with other weights
+    with pytest.raises(RomcompError, match="source checkpoint changed"):
+        run(CompressConfig(model=str(src), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+
+
+def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, data_dir, monkeypatch):
+    """The disk-spilling plan computes exactly what the in-RAM plan computes."""
+    import romcomp.api as api
+    from romcomp import memory
+
+    cfg = dict(model=str(tiny_llama), ratio=0.3, data_dir=data_dir, **SMALL)
+    run(CompressConfig(out=tmp_path / "ram", **cfg))
+    real_plan = memory.plan
+
+    def spill(dims, n, seq, budget):
+        p = real_plan(dims, n, seq, budget)
+        return memory.MemoryPlan(p.budget, p.estimate, p.batch_size, False, p.parts)
+
+    monkeypatch.setattr(api, "plan", spill)
+    result = run(CompressConfig(out=tmp_path / "disk", **cfg))
+    assert not result.plan.activations_in_ram
+    assert _files(tmp_path / "ram") == _files(tmp_path / "disk")

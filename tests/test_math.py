@@ -1,0 +1,94 @@
+"""The decomposition math as pure functions: exactness at full rank, optimality, guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from romcomp.methods import get_method
+from romcomp.methods.base import InputStats
+from romcomp.methods.linalg import top_output_subspace
+from romcomp.ranks import LinearShape, allocate_uniform, linear_params, uniform_rank
+from romcomp.stats import accumulate
+
+
+def stats_of(x: torch.Tensor) -> InputStats:
+    s = InputStats.zeros(x.shape[-1])
+    accumulate(s, x)
+    return s
+
+
+def test_accumulation_equals_direct_computation():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 16)
+    s = InputStats.zeros(16)
+    for chunk in x:  # three batches
+        accumulate(s, chunk)
+    flat = x.reshape(-1, 16).double()
+    torch.testing.assert_close(s.xtx, flat.T @ flat, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(s.mean, flat.mean(0), rtol=1e-12, atol=1e-12)
+    assert s.count == 150
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 16), (16, 40)])  # both the d_out and the d_in-sized solver
+@pytest.mark.parametrize("bias", [False, True])
+def test_rom_full_rank_reproduces_outputs(d_in, d_out, bias):
+    torch.manual_seed(1)
+    w, b = torch.randn(d_out, d_in), (torch.randn(d_out) if bias else None)
+    x = torch.randn(500, d_in)
+    k = min(d_in + int(bias), d_out)  # the outputs span at most d_in (+1 with a bias) dimensions
+    f = get_method("rom")(w, b, stats_of(x), k)
+    y = x @ w.T + (b if bias else 0)
+    y_hat = (x @ f.down.T) @ f.up.T + (f.bias if bias else 0)
+    torch.testing.assert_close(y_hat, y, rtol=1e-4, atol=1e-4)
+
+
+def test_rom_subspace_is_top_eigvecs_of_output_covariance():
+    torch.manual_seed(2)
+    w, x = torch.randn(40, 16).double(), torch.randn(300, 16).double()
+    sigma = x.T @ x / 300
+    basis, _ = top_output_subspace(w, sigma, 5)  # d_out > d_in: the small-side solver
+    c = w @ sigma @ w.T
+    evals, evecs = torch.linalg.eigh(c)
+    ref = evecs[:, -5:]
+    # Same subspace: the projectors agree.
+    torch.testing.assert_close(basis @ basis.T, ref @ ref.T, rtol=1e-8, atol=1e-8)
+
+
+def test_rom_beats_svd_on_calibration_outputs():
+    """ROM minimizes the output error on the calibration distribution; plain SVD does not look at it."""
+    torch.manual_seed(3)
+    w = torch.randn(32, 32)
+    x = torch.randn(1000, 32) * torch.logspace(0, -3, 32)  # strongly anisotropic inputs
+    s = stats_of(x)
+    errs = {}
+    for m in ("rom", "svd"):
+        f = get_method(m)(w, None, s, 8)
+        errs[m] = ((x @ w.T - (x @ f.down.T) @ f.up.T) ** 2).mean().item()
+    assert errs["rom"] < 0.5 * errs["svd"]
+
+
+def test_singular_covariance_gives_finite_factors():
+    torch.manual_seed(4)
+    w = torch.randn(64, 16)
+    x = torch.zeros(3, 16)
+    x[:, :2] = torch.randn(3, 2)  # dead channels and only 3 tokens: Σ has rank 2
+    f = get_method("rom")(w, None, stats_of(x), 10)
+    assert torch.isfinite(f.down).all() and torch.isfinite(f.up).all()
+    torch.testing.assert_close((x @ f.down.T) @ f.up.T, x @ w.T, rtol=1e-4, atol=1e-4)
+    assert f.notes  # the degenerate directions are recorded
+
+
+def test_uniform_rank_formula_and_dense_rule():
+    assert uniform_rank(576, 1536, 0.2) == int(0.8 * 576 * 1536 / (576 + 1536))
+    assert uniform_rank(4096, 4096, 0.3) == 1433
+    assert uniform_rank(2, 2, 0.9) is None  # k would be 0; rank 1 (4 params) saves nothing over 2×2
+    shapes = [LinearShape("a", 576, 192), LinearShape("b", 576, 576), LinearShape("c", 2, 2)]
+    ranks = allocate_uniform(shapes, 0.3)
+    assert "c" not in ranks and ranks["b"] == 201
+    dense, kept = linear_params(shapes, ranks)
+    assert 1 - kept / dense == pytest.approx(0.3, abs=0.01)
+    for s in shapes:
+        if s.name in ranks:
+            f = get_method("svd")(torch.randn(s.d_out, s.d_in), None, InputStats.zeros(s.d_in), ranks[s.name])
+            assert f.down.shape == (ranks[s.name], s.d_in) and f.up.shape == (s.d_out, ranks[s.name])

