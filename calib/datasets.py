@@ -137,7 +137,8 @@ def load_calibration(name: str, data_dir: str | Path | None = None) -> CalibSour
     if path.is_file():
         return _load_user_file(path)
     raise BadInputError(
-        f"unknown calibration data {name!r}: not an existing file and not one of {', '.join(known_datasets())}"
+        f"unknown calibration data {name!r}: not an existing file and not one of "
+        f"{', '.join(known_datasets())}"
     )
 
 
@@ -253,7 +254,8 @@ def _c4_from_gzip(gz_path: Path) -> CalibSource:
             if len(texts) == C4_DOCS:
                 break
     sha = hashlib.sha256(gz_path.read_bytes()).hexdigest()
-    description = f"c4 (hub {C4_HUB_REPO} {C4_HUB_FILE}, train split, first {len(texts)} docs, sha256 {sha[:8]}…)"
+    where = f"hub {C4_HUB_REPO} {C4_HUB_FILE}"
+    description = f"c4 ({where}, train split, first {len(texts)} docs, sha256 {sha[:8]}…)"
     return CalibSource("c4", texts, description, sha)
 
 

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -23,6 +24,9 @@ import torch
 from safetensors.torch import save_file
 
 from romcomp.errors import BadInputError, RomcompError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +69,8 @@ class _Planned:
     shape: tuple[int, ...]
 
     @property
-    def nbytes_fp32(self) -> int:
-        return int(np.prod(self.shape)) * 4
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -138,8 +142,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.floa
             raise RomcompError(
                 f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2)"
             )
+        planned = _plan_tensors(readers)  # before the slow metadata parsing, so a bad tensor fails fast
         config = _save_config_and_tokenizer(parts[0], tmp, dtype)
-        planned = _plan_tensors(readers)
         _check_tied_embeddings(planned, config)
         _write_weights(planned, tmp, dtype, _rope_heads(arch, config))
         if out_dir.exists():
@@ -150,8 +154,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.floa
         raise
 
 
-def _save_config_and_tokenizer(gguf_path: Path, out: Path, dtype: torch.dtype):
-    """Save config.json, generation_config.json and tokenizer files parsed from the GGUF metadata."""
+def _save_config_and_tokenizer(gguf_path: Path, out: Path, dtype: torch.dtype) -> PretrainedConfig:
+    """Save config.json, generation_config.json and tokenizer files parsed from the GGUF metadata.
+
+    This goes through transformers' public GGUF loaders, so config keys and tokenizer conversion stay whatever
+    transformers itself would produce; each call re-parses the metadata (the slow part for 150k vocabularies).
+    """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -195,14 +203,14 @@ def _plan_tensors(readers: list[gguf.GGUFReader]) -> list[_Planned]:
     return planned
 
 
-def _check_tied_embeddings(planned: list[_Planned], config) -> None:
+def _check_tied_embeddings(planned: list[_Planned], config: PretrainedConfig) -> None:
     """A checkpoint without an output matrix is only valid when the config ties it to the embeddings."""
     has_lm_head = any(p.hf_name == "lm_head.weight" for p in planned)
     if not has_lm_head and not getattr(config, "tie_word_embeddings", False):
         raise RomcompError("GGUF file has no output.weight but the config does not tie word embeddings")
 
 
-def _rope_heads(arch: str, config) -> dict[str, int]:
+def _rope_heads(arch: str, config: PretrainedConfig) -> dict[str, int]:
     """Head count per GGUF tensor kind whose rows llama.cpp permuted; empty when the architecture is not."""
     if arch not in ROPE_PERMUTED_ARCHITECTURES:
         return {}
@@ -241,7 +249,7 @@ def _shard_groups(planned: list[_Planned], dtype: torch.dtype) -> list[list[_Pla
     groups: list[list[_Planned]] = [[]]
     size = 0
     for p in planned:
-        nbytes = p.nbytes_fp32 // 4 * itemsize
+        nbytes = p.numel * itemsize
         if groups[-1] and size + nbytes > MAX_SHARD_BYTES:
             groups.append([])
             size = 0

