@@ -32,6 +32,7 @@ class CompressResult:
 
     out: Path
     source: str
+    source_dir: Path
     calibration: str
     ratio: float
     method: str
@@ -63,7 +64,11 @@ def block_shapes(model: torch.nn.Module, arch: ArchSpec, n_blocks: int) -> list[
     for i in range(n_blocks):
         for name in arch.linears:
             lin = layers[i].get_submodule(name)
-            shapes.append(LinearShape(arch.block_prefix(i) + name, lin.in_features, lin.out_features, lin.bias is not None))
+            shapes.append(
+                LinearShape(
+                    arch.block_prefix(i) + name, lin.in_features, lin.out_features, lin.bias is not None
+                )
+            )
     return shapes
 
 
@@ -87,7 +92,9 @@ def default_budget() -> int:
     return int(psutil.virtual_memory().available * 0.8)
 
 
-def compress(model: str, ratio: float, max_ram: str | None = None, out: str | Path | None = None, **kwargs) -> CompressResult:
+def compress(
+    model: str, ratio: float, max_ram: str | None = None, out: str | Path | None = None, **kwargs
+) -> CompressResult:
     """Compress ``model`` (local dir, .gguf, alias or hub id) to ``out``; see :class:`CompressConfig`."""
     cfg = CompressConfig(model=model, ratio=ratio, max_ram=max_ram, out=Path(out) if out else None, **kwargs)
     return run(cfg)
@@ -152,7 +159,11 @@ def run(cfg: CompressConfig) -> CompressResult:
         if manifest.status != "complete":
             tied = bool(getattr(hf_config, "tie_word_embeddings", False))
             output.write_shard(n_blocks, engine.top_level_tensors(tied))
-            output.finalize(_output_config(hf_config, arch, cfg, ranks, calib_desc, source.description), source.path, manifest)
+            output.finalize(
+                _output_config(hf_config, arch, cfg, ranks, calib_desc, source.description),
+                source.path,
+                manifest,
+            )
     finally:
         output.close()
     after = LazyCheckpoint(out_path)
@@ -160,6 +171,7 @@ def run(cfg: CompressConfig) -> CompressResult:
     return CompressResult(
         out=out_path,
         source=source.description,
+        source_dir=source.path,
         calibration=calib_desc,
         ratio=cfg.ratio,
         method=cfg.method,
@@ -215,7 +227,9 @@ def _stream_blocks(engine: Engine, output: OutputDir, manifest: Manifest, window
     else:
         engine.capture_inputs(windows, None)
         source = Boundary.load(output.acts_path(first), shape, mem.activations_in_ram)
-    bar = tqdm(total=n_blocks, initial=first, desc="blocks", unit="block", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=n_blocks, initial=first, desc="blocks", unit="block", disable=not progress, file=sys.stderr
+    )
     for index in range(first, n_blocks):
         sink = Boundary.create(output.acts_path(index + 1), shape, mem.activations_in_ram)
         block, bt, notes = engine.compress_block(index, source, sink)
@@ -239,7 +253,9 @@ def _stream_blocks(engine: Engine, output: OutputDir, manifest: Manifest, window
     return times
 
 
-def _output_config(hf_config, arch: ArchSpec, cfg: CompressConfig, ranks: dict[str, int], calib: str, source: str) -> dict:
+def _output_config(
+    hf_config, arch: ArchSpec, cfg: CompressConfig, ranks: dict[str, int], calib: str, source: str
+) -> dict:
     """config.json of the output: the dense config, a distinct model_type, auto_map and the romcomp record."""
     from romcomp.hf.configuration_romcomp import CONFIGS
     from romcomp.hf.modeling_romcomp import MODELS

@@ -52,7 +52,5 @@ def arch_for(model_type: str) -> ArchSpec:
     """The spec for ``model_type`` or a clear error naming the supported families."""
     spec = ARCHS.get(model_type)
     if spec is None:
-        raise BadInputError(
-            f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}"
-        )
+        raise BadInputError(f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}")
     return spec

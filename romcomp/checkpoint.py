@@ -36,7 +36,9 @@ class LazyCheckpoint:
                 raise RomcompError(f"corrupt checkpoint index {index}: {e}") from None
             for shard in sorted(set(weight_map.values())):
                 if not (self.directory / shard).exists():
-                    raise RomcompError(f"checkpoint shard {self.directory / shard} named in the index is missing")
+                    raise RomcompError(
+                        f"checkpoint shard {self.directory / shard} named in the index is missing"
+                    )
             return weight_map
         single = self.directory / SINGLE_NAME
         if not single.exists():
@@ -116,10 +118,14 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
+) -> None:
     """``save_file`` under a temporary name, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"}
+    )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

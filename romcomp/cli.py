@@ -34,21 +34,42 @@ Examples:
 
 @app.command(epilog=EXAMPLES)
 def compress(
-    model: Annotated[str, typer.Argument(help="Local HF directory, .gguf file, alias (smollm2-135m, llama2-7b, …) or hub id.")],
-    ratio: Annotated[float, typer.Option(help="Fraction of the decoder-block linear parameters to remove, in (0, 1).")],
-    max_ram: Annotated[str | None, typer.Option(help="Memory budget, e.g. 4GB or 24GiB (default: 80% of available).")] = None,
+    model: Annotated[
+        str,
+        typer.Argument(help="Local HF directory, .gguf file, alias (smollm2-135m, llama2-7b, …) or hub id."),
+    ],
+    ratio: Annotated[
+        float, typer.Option(help="Fraction of the decoder-block linear parameters to remove, in (0, 1).")
+    ],
+    max_ram: Annotated[
+        str | None, typer.Option(help="Memory budget, e.g. 4GB or 24GiB (default: 80% of available).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: <model>-r<ratio>).")] = None,
     method: Annotated[str, typer.Option(help="Decomposition method: rom (default) or svd.")] = "rom",
-    calib: Annotated[str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")] = "c4",
+    calib: Annotated[
+        str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")
+    ] = "c4",
     n_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")] = None,
-    calib_stream: Annotated[str, typer.Option(help="Calibrate each block on the 'compressed' or the 'dense' model's activations.")] = "compressed",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")
+    ] = None,
+    calib_stream: Annotated[
+        str, typer.Option(help="Calibrate each block on the 'compressed' or the 'dense' model's activations.")
+    ] = "compressed",
     sequential: Annotated[bool, typer.Option(help="Fit a block's linear groups one after another.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Discard a previous romcomp output in --out and start over.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Discard a previous romcomp output in --out and start over.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    ppl_windows: Annotated[
+        int,
+        typer.Option(
+            help="Afterwards, print WikiText-2 test perplexity before/after on the first N windows of 512 tokens (small models)."
+        ),
+    ] = 0,
 ) -> None:
     """Compress MODEL by ROM, block by block, and write a directory transformers loads."""
     import romcomp
@@ -62,6 +83,11 @@ def compress(
     )  # fmt: skip
     result = romcomp.api.run(cfg)
     typer.echo(summary(result))
+    if ppl_windows > 0:
+        from romcomp.quality import before_after
+
+        ba = before_after(result.source_dir, result.out, ppl_windows, data_dir=data_dir)
+        typer.echo(ba.line(result.calibration))
 
 
 @app.callback()

@@ -36,11 +36,17 @@ class CompressConfig:
 
     def validate(self) -> int | None:
         """Check everything that needs no I/O; returns the parsed ``max_ram`` in bytes (or None)."""
-        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or not 0 < self.ratio < 1:
+        if (
+            not isinstance(self.ratio, (int, float))
+            or not math.isfinite(self.ratio)
+            or not 0 < self.ratio < 1
+        ):
             raise BadInputError(f"--ratio must be in (0, 1), got {self.ratio}")
         get_method(self.method)
         if self.calib_stream not in CALIB_STREAMS:
-            raise BadInputError(f"--calib-stream must be one of {', '.join(CALIB_STREAMS)}, got {self.calib_stream}")
+            raise BadInputError(
+                f"--calib-stream must be one of {', '.join(CALIB_STREAMS)}, got {self.calib_stream}"
+            )
         for name in ("n_samples", "seq_len"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"--{name.replace('_', '-')} must be positive")

@@ -119,7 +119,9 @@ class Engine:
         try:
             block.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
-            raise RomcompError(f"checkpoint tensors of block {index} do not match the architecture: {e}") from None
+            raise RomcompError(
+                f"checkpoint tensors of block {index} do not match the architecture: {e}"
+            ) from None
         return block
 
     def forward(self, block: nn.Module, source: Boundary, sink: Boundary | None) -> None:
@@ -132,7 +134,9 @@ class Engine:
                 if sink is not None:
                     sink.write(start, out)
 
-    def compress_block(self, index: int, source: Boundary, sink: Boundary) -> tuple[nn.Module, BlockTimes, list[str]]:
+    def compress_block(
+        self, index: int, source: Boundary, sink: Boundary
+    ) -> tuple[nn.Module, BlockTimes, list[str]]:
         """Calibrate, decompose and swap the linears of block ``index``; fill ``sink`` with its outputs."""
         times, notes = BlockTimes(), []
         block = self.load_block(index)
@@ -159,7 +163,9 @@ class Engine:
 
     def _swap(self, block: nn.Module, name: str, full: str, stats) -> list[str]:
         linear = block.get_submodule(name)
-        factors = self.method(linear.weight.data, None if linear.bias is None else linear.bias.data, stats, self.ranks[full])
+        factors = self.method(
+            linear.weight.data, None if linear.bias is None else linear.bias.data, stats, self.ranks[full]
+        )
         factors.check_finite(full)
         pair = swap_linear(block, name, factors.rank)
         # Round to the output dtype first, so the calibration stream sees exactly what the saved model computes.

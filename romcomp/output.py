@@ -64,7 +64,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise BadInputError(f"--out {out} exists and is not a directory")
     if any(out.iterdir()) and not is_romcomp_output(out):
-        raise BadInputError(f"--out {out} exists, is not empty and is not a romcomp output; choose another path")
+        raise BadInputError(
+            f"--out {out} exists, is not empty and is not a romcomp output; choose another path"
+        )
 
 
 @dataclass
@@ -133,7 +135,9 @@ class OutputDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fd.close()
-            raise RomcompError(f"another romcomp run is writing to {self.out}; refusing to interleave") from None
+            raise RomcompError(
+                f"another romcomp run is writing to {self.out}; refusing to interleave"
+            ) from None
         self._lock_fd = fd
 
     def close(self) -> None:

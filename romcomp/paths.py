@@ -16,4 +16,6 @@ def cache_dir() -> Path:
 
 def offline() -> bool:
     """True when the hub must not be contacted (``HF_HUB_OFFLINE`` / ``ROMCOMP_OFFLINE``)."""
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "ROMCOMP_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "ROMCOMP_OFFLINE")
+    )

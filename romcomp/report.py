@@ -19,8 +19,14 @@ def rank_table(result: CompressResult) -> list[str]:
         kept = sum(s.factored_params(r) if r else s.dense_params for s, r in zip(shapes, ranks))
         dense = sum(s.dense_params for s in shapes)
         real = [r for r in ranks if r]
-        span = "dense" if not real else f"{min(real)}/{max(real)}" + (" +dense" if len(real) < len(ranks) else "")
-        lines.append(f"{kind:<10} {f'{shapes[0].d_in}→{shapes[0].d_out}':>13} {span:>15} {kept / dense:>7.1%}")
+        span = (
+            "dense"
+            if not real
+            else f"{min(real)}/{max(real)}" + (" +dense" if len(real) < len(ranks) else "")
+        )
+        lines.append(
+            f"{kind:<10} {f'{shapes[0].d_in}→{shapes[0].d_out}':>13} {span:>15} {kept / dense:>7.1%}"
+        )
     return lines
 
 

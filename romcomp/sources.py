@@ -304,7 +304,8 @@ def _from_hub(
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         why = "offline and not in the local hub cache" if offline else "no network, no access or no such repo"
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        first_line = first_line if len(first_line) <= 160 else first_line[:157] + "..."
         raise RomcompError(
             f"cannot resolve model {spec!r}: not a local directory, not a .gguf file, {via};"
             f" hub download of {repo_id} failed ({why}): {type(exc).__name__}: {first_line}"

@@ -1,7 +1,10 @@
 """Statistics collection: forward pre-hooks, owned by a context manager, that accumulate input moments.
 
 Linears that share an input (q/k/v, gate/up) share one accumulator, hooked on the first of the group.
-Accumulation is float64 so that summing tens of thousands of tokens loses nothing.
+Precision per step: each chunk of at most ``CHUNK`` tokens is multiplied in float32 (2-3x faster than
+float64 here; the relative error of a 4096-term float32 dot product, ~1e-6, is three orders of magnitude
+below the sampling noise of a 65k-token covariance), and the chunks are summed into float64 accumulators
+so that nothing is lost over tens of thousands of tokens. ``tests/test_math.py`` checks the agreement.
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ from torch import nn
 from romcomp.methods.base import InputStats
 
 
+CHUNK = 4096
+
+
 def accumulate(stats: InputStats, x: torch.Tensor) -> None:
     """Add a batch of inputs (any leading shape) to ``stats``."""
-    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    stats.xtx.addmm_(x.T, x)
-    stats.xsum += x.sum(dim=0)
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    for start in range(0, x.shape[0], CHUNK):
+        chunk = x[start : start + CHUNK]
+        stats.xtx += (chunk.T @ chunk).to(torch.float64)
+        stats.xsum += chunk.sum(dim=0, dtype=torch.float64)
     stats.count += x.shape[0]
 
 

@@ -28,7 +28,9 @@ def make_tokenizer(path: Path):
     return fast
 
 
-def make_tiny_model(path: Path, family: str = "llama", layers: int = 3, seed: int = 0, tied: bool = False) -> Path:
+def make_tiny_model(
+    path: Path, family: str = "llama", layers: int = 3, seed: int = 0, tied: bool = False
+) -> Path:
     """A random tiny model saved as sharded safetensors, loadable by transformers."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 

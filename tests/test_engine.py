@@ -126,7 +126,11 @@ def test_foreign_directory_is_never_overwritten(tiny_llama, tmp_path, data_dir):
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     with pytest.raises(BadInputError, match="not a romcomp output"):
-        run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, overwrite=True, **SMALL))
+        run(
+            CompressConfig(
+                model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, overwrite=True, **SMALL
+            )
+        )
     assert (out / "notes.txt").read_text() == "precious"
 
 

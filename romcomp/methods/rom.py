@@ -17,7 +17,9 @@ from romcomp.methods.base import Factors, InputStats
 from romcomp.methods.linalg import top_output_subspace
 
 
-def augmented(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor]:
+def augmented(
+    weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W̃, Σ̃)`` in float64: the bias folded in as a weight on a constant-1 input."""
     w = weight.double()
     sigma = stats.second_moment
