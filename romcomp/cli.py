@@ -67,7 +67,8 @@ def compress(
     ppl_windows: Annotated[
         int,
         typer.Option(
-            help="Afterwards, print WikiText-2 test perplexity before/after on the first N windows of 512 tokens (small models)."
+            help="Afterwards print WikiText-2 test perplexity before/after on the first N 512-token windows "
+            "(small models)."
         ),
     ] = 0,
 ) -> None:

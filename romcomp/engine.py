@@ -168,7 +168,7 @@ class Engine:
         )
         factors.check_finite(full)
         pair = swap_linear(block, name, factors.rank)
-        # Round to the output dtype first, so the calibration stream sees exactly what the saved model computes.
+        # Round to the output dtype first: the calibration stream sees exactly what the saved model computes.
         pair.down.weight.data = factors.down.to(self.out_dtype).float()
         pair.up.weight.data = factors.up.to(self.out_dtype).float()
         if factors.bias is not None:

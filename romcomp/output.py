@@ -123,7 +123,8 @@ class OutputDir:
             )
         if previous.source.get("fingerprint") != manifest.source.get("fingerprint"):
             raise RomcompError(
-                f"the source checkpoint changed since {self.out} was started ({previous.source.get('description')}); "
+                f"the source checkpoint changed since {self.out} was started "
+                f"({previous.source.get('description')}); "
                 "refusing to resume: pass --overwrite to start over"
             )
         return previous

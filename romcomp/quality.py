@@ -23,7 +23,8 @@ class BeforeAfter:
     def line(self, calibration: str) -> str:
         d, c = self.dense, self.compressed
         return (
-            f"WikiText-2 test perplexity (first {d.windows} x {d.seq_len} tokens, {d.tokens_scored:,} scored): "
+            f"WikiText-2 test perplexity (first {d.windows} x {d.seq_len} tokens, "
+            f"{d.tokens_scored:,} scored): "
             f"dense {d.ppl:.2f} -> compressed {c.ppl:.2f} (calibration: {calibration})"
         )
 

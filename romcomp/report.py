@@ -16,7 +16,7 @@ def rank_table(result: CompressResult) -> list[str]:
     lines = [f"{'linear':<10} {'d_in→d_out':>13} {'rank (min/max)':>15} {'kept':>7}"]
     for kind, shapes in by_kind.items():
         ranks = [result.ranks.get(s.name) for s in shapes]
-        kept = sum(s.factored_params(r) if r else s.dense_params for s, r in zip(shapes, ranks))
+        kept = sum(s.factored_params(r) if r else s.dense_params for s, r in zip(shapes, ranks, strict=True))
         dense = sum(s.dense_params for s in shapes)
         real = [r for r in ranks if r]
         span = (

@@ -17,7 +17,6 @@ from torch import nn
 
 from romcomp.methods.base import InputStats
 
-
 CHUNK = 4096
 
 
