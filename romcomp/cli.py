@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         typer.echo("romcomp: aborted", err=True)
         sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors of click (vendored by newer typer): print the usage message, keep click's exit code.
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
-            sys.exit(2)
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Exit" and isinstance(getattr(e, "exit_code", None), int):
+            sys.exit(e.exit_code)
         raise
     sys.exit(0)
 

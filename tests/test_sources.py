@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from romcomp import aliases, gguf_convert, sources
+from romcomp import aliases, gguf_convert, paths, sources
 from romcomp.aliases import ALIASES, HubAlias, PypiGgufAlias, WheelPart, get_alias
 from romcomp.errors import BadInputError, RomcompError
 from romcomp.sources import ChecksumError, fingerprint, join_and_verify, list_aliases, resolve_model
@@ -32,9 +32,9 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``ROMCOMP_CACHE`` when set (work survives between runs), else a fresh temporary cache."""
-    env = os.environ.get("ROMCOMP_CACHE")
-    return Path(env).expanduser() if env else tmp_path_factory.mktemp("romcomp-cache")
+    """``ROMCOMP_CACHE`` when set, else the user cache: work survives between runs."""
+    del tmp_path_factory
+    return paths.cache_dir()  # shared with the other real-model tests, so SmolLM2 is converted once
 
 
 def fetch_raw_gguf(alias_name: str, cache: Path) -> Path:
