@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,14 +105,25 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path``, removed if writing it fails (e.g. the disk is full)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _temporary(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
@@ -122,11 +135,11 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
 ) -> None:
     """``save_file`` under a temporary name, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"}
-    )
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _temporary(path) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"}
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     except RomcompError as e:
         typer.echo(f"romcomp: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # disk full, permissions, vanished files: one line, nothing marked done
+        typer.echo(f"romcomp: error: {e}", err=True)
+        sys.exit(1)
     except typer.Abort:
         typer.echo("romcomp: aborted", err=True)
         sys.exit(1)

@@ -26,7 +26,9 @@ def gpt2_dir(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+    GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(path)
     return path
 
 
@@ -36,7 +38,10 @@ def bad_cases(tiny: Path, gpt2: Path) -> list[tuple[list[str], str]]:
         ([str(tiny), "--ratio", "1.5"], "--ratio must be in (0, 1)"),
         (["no-such-model", "--ratio", "0.3"], "unknown model 'no-such-model'"),
         ([str(tiny), "--ratio", "0.3", "--calib", "nosuch"], "nosuch"),
-        ([str(tiny), "--ratio", "0.3", "--calib", "../shared/data/wikitext2_raw/wiki.test.raw"], "test split"),
+        (
+            [str(tiny), "--ratio", "0.3", "--calib", "../shared/data/wikitext2_raw/wiki.test.raw"],
+            "test split",
+        ),
         ([str(tiny), "--ratio", "0.3", "--max-ram", "lots"], "cannot parse memory size"),
         ([str(tiny), "--ratio", "0.3", "--max-ram", "100MB", "--seq-len", "64"], "smallest plan needs about"),
         ([str(gpt2), "--ratio", "0.3"], "unsupported architecture 'gpt2'; supported: llama, mistral, qwen2"),
@@ -51,7 +56,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, gpt2_dir, t
         proc = cli(*args, "--out", str(out), "--data-dir", str(data_dir), cwd=REPO)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
-        assert len(lines) == 1 and lines[0].startswith("romcomp: error:") and message in lines[0], (args, lines)
+        assert len(lines) == 1 and lines[0].startswith("romcomp: error:") and message in lines[0], (
+            args,
+            lines,
+        )
         assert not out.exists(), args
 
 

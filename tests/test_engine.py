@@ -167,3 +167,31 @@ def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, data_di
     result = run(CompressConfig(out=tmp_path / "disk", **cfg))
     assert not result.plan.activations_in_ram
     assert _files(tmp_path / "ram") == _files(tmp_path / "disk")
+
+
+def test_disk_full_while_writing_a_block_loses_nothing(tiny_llama, tmp_path, data_dir, monkeypatch):
+    """ENOSPC in the middle of a shard write: clear OSError, the block is not recorded, the run resumes."""
+    import errno
+
+    import romcomp.checkpoint as checkpoint
+
+    cfg = dict(model=str(tiny_llama), ratio=0.3, data_dir=data_dir, **SMALL)
+    run(CompressConfig(out=tmp_path / "a", **cfg))
+    real_save, calls = checkpoint.save_file, []
+
+    def save_then_fill_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second block shard: write part of it, then the disk is full
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_then_fill_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run(CompressConfig(out=tmp_path / "b", **cfg))
+    manifest = json.loads((tmp_path / "b" / ".romcomp" / "manifest.json").read_text())
+    assert manifest["blocks_done"] == [0]
+    assert not list((tmp_path / "b").glob("*.tmp")) and not (tmp_path / "b" / "config.json").exists()
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    run(CompressConfig(out=tmp_path / "b", **cfg))
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")

@@ -105,12 +105,14 @@ def child_ppl(args: argparse.Namespace) -> dict[str, Any]:
     """Hidden ``--ppl-of SPEC``: WikiText-2 test perplexity of a model directory or alias."""
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from romcomp.perplexity import wikitext2_test_ids
     from romcomp.quality import model_ppl
     from romcomp.sources import resolve_model
 
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # keep the benchmark log readable
     t0 = time.perf_counter()
     path = resolve_model(args.ppl_of).path
     ids = wikitext2_test_ids(AutoTokenizer.from_pretrained(path))
