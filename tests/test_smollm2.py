@@ -114,7 +114,11 @@ def test_fresh_process_reload_matches_dense_reconstruction(compressed, smol_dir,
 
 
 def test_perplexity_stays_within_bound(compressed, smol_dir):
-    """16 x 512 C4 calibration, first 10 x 512 WikiText-2 test windows; see the measured values below."""
+    """16 x 512 C4 calibration, first 10 x 512 WikiText-2 test windows: measured dense 34.1, ROM 289 (8.5x).
+
+    Uniform ROM at 0.2 with so little off-domain calibration hurts a 135M model badly (the issue's reference:
+    ~205 on 40 windows with 32 x 512 C4 tokens); the bound catches a broken pipeline (ppl in the thousands)
+    while leaving room for platform rounding."""
     from romcomp.quality import before_after
 
     out, _ = compressed
@@ -152,3 +156,21 @@ def test_sigkill_then_rerun_is_bit_identical(compressed, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"\((\d+) blocks resumed", rerun.stdout)
     assert _shards(out) == _shards(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ROMCOMP_SLOW") != "1", reason="set ROMCOMP_SLOW=1 (downloads ~0.5 GB)")
+def test_qwen2_real_model_compresses_loads_and_generates(tmp_path):
+    """Qwen2 architecture (q/k/v bias, GQA, untied head) on the real Qwen2.5-Coder-0.5B-Instruct."""
+    out = tmp_path / "qwen-r0.2"
+    proc = romcomp_cli("qwen2.5-coder-0.5b", "--ratio", "0.2", "--max-ram", "6GB", "--n-samples", "8",
+                       "--no-progress", "--out", str(out), timeout=3000)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+    text = tok.decode(model.generate(ids, max_new_tokens=16, do_sample=False)[0])
+    assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):") + 10
