@@ -247,6 +247,7 @@ def _stream_blocks(engine: Engine, output: OutputDir, manifest: Manifest, window
         source.release()
         source = sink
         engine.free_block(index)
+        bt.rss = psutil.Process().memory_info().rss
         bar.update(1)
     bar.close()
     source.release()

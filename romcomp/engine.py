@@ -36,6 +36,7 @@ class BlockTimes:
     forward: float = 0.0  # calibration forwards + covariance accumulation
     decompose: float = 0.0
     write: float = 0.0
+    rss: int = 0  # process RSS after the block was freed: flat across blocks when memory is bounded
 
 
 @dataclass
