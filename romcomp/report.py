@@ -61,7 +61,7 @@ def summary(result: CompressResult) -> str:
     if len(result.block_times) > 1:
         ends = (min(result.block_times), max(result.block_times))
         first, last = (result.block_times[i].rss for i in ends)
-        lines.append(f"             RSS after first block {fmt_bytes(first)}, after last block {fmt_bytes(last)}")
+        lines.append(f"{'':13}RSS after first block {fmt_bytes(first)}, after last block {fmt_bytes(last)}")
     if result.notes:
         count = sum(len(v) for v in result.notes.values())
         lines.append(f"numerics     {count} guarded case(s); see {result.out}/.romcomp/manifest.json")
