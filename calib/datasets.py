@@ -44,6 +44,9 @@ STREAM_JOINER = "\n\n"
 C4_HUB_REPO = "allenai/c4"
 C4_HUB_FILE = "en/c4-train.00000-of-01024.json.gz"
 C4_DOCS = 1000
+C4_CALIB_DOCS = 900
+"""Calibration uses JSON lines ``[0, C4_CALIB_DOCS)`` of the C4 sample; the rest is held out for
+``romcomp eval`` (C4 perplexity), so no evaluated text is ever calibrated on."""
 _HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -69,10 +72,17 @@ class _NamedSet:
     split: str
     reader: str  # "jsonl", "wikitext" or "ptb"
     note: str = ""
+    max_lines: int | None = None  # only the first lines are calibration data; the rest is held out
 
 
 _NAMED: dict[str, _NamedSet] = {
-    "c4": _NamedSet("c4/c4_en_train_sample_1000.jsonl", "train", "jsonl"),
+    "c4": _NamedSet(
+        "c4/c4_en_train_sample_1000.jsonl",
+        "train",
+        "jsonl",
+        f"first {C4_CALIB_DOCS} of {C4_DOCS} lines, the rest held out for evaluation",
+        max_lines=C4_CALIB_DOCS,
+    ),
     "wikitext2": _NamedSet(
         "wikitext2_tokenized/wiki.valid.tokens",
         "validation",
@@ -161,7 +171,8 @@ def _source_from_file(name: str, path: Path, spec: _NamedSet) -> CalibSource:
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     if spec.reader == "jsonl":
-        texts = _jsonl_texts(data, path)
+        lines = data.splitlines()[: spec.max_lines] if spec.max_lines else data.splitlines()
+        texts = _jsonl_texts(b"\n".join(lines), path)
         what = f"{len(texts)} docs"
     else:
         texts = hf_wikitext_rows(data) if spec.reader == "wikitext" else hf_ptb_rows(data)
@@ -246,12 +257,12 @@ def _reachable(endpoint: str) -> bool:
 
 
 def _c4_from_gzip(gz_path: Path) -> CalibSource:
-    """The first C4_DOCS documents of the shard: the same documents as the local sample file."""
+    """The first C4_CALIB_DOCS documents of the shard: the calibration part of the local sample file."""
     texts: list[str] = []
     with gzip.open(gz_path, "rt", encoding="utf-8") as handle:
         for line in handle:
             texts.append(json.loads(line)["text"])
-            if len(texts) == C4_DOCS:
+            if len(texts) == C4_CALIB_DOCS:
                 break
     sha = hashlib.sha256(gz_path.read_bytes()).hexdigest()
     where = f"hub {C4_HUB_REPO} {C4_HUB_FILE}"

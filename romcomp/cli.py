@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Low-rank (reduced-order model) compression of decoder LLMs, block by block, on a CPU.",
 )
-SUBCOMMANDS = {"compress"}
+SUBCOMMANDS = {"compress", "eval"}
 
 EXAMPLES = """
 Examples:
@@ -89,6 +89,15 @@ def compress(
 
         ba = before_after(result.source_dir, result.out, ppl_windows, data_dir=data_dir)
         typer.echo(ba.line(result.calibration))
+
+
+def _register_subcommands() -> None:
+    from romcomp.evaluation.cli import register
+
+    register(app)
+
+
+_register_subcommands()
 
 
 @app.callback()

@@ -78,10 +78,13 @@ def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_c4_source_from_real_data() -> None:
     src = load_calibration("c4")
     assert src.name == "c4" and not src.stream
-    assert len(src.texts) == 1000
+    assert len(src.texts) == 900  # the last 100 of the 1000 lines are held out for evaluation
     assert src.texts[0].startswith("Beginners BBQ Class Taking Place in Missoula!")
     assert src.sha256 == "cdd5b754119131d2934e3e799a059a9d64f53a6aac9e7e2ef79b43120bb01a32"
-    assert src.description == "c4 (c4_en_train_sample_1000.jsonl, train split, 1000 docs, sha256 cdd5b754…)"
+    assert src.description == (
+        "c4 (c4_en_train_sample_1000.jsonl, train split, first 900 of 1000 lines, the rest held out for "
+        "evaluation, 900 docs, sha256 cdd5b754…)"
+    )
 
 
 @needs_real_data
@@ -159,7 +162,7 @@ def test_hub_fallback_reads_first_docs_of_shard(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(cd, "_reachable", lambda endpoint: True)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: str(shard))
     src = load_calibration("c4", tmp_path / "empty")
-    assert len(src.texts) == cd.C4_DOCS and src.texts[-1] == f"doc {cd.C4_DOCS - 1}"
+    assert len(src.texts) == cd.C4_CALIB_DOCS and src.texts[-1] == f"doc {cd.C4_CALIB_DOCS - 1}"
     assert "hub allenai/c4" in src.description
 
 
@@ -266,3 +269,19 @@ def test_wikitext2_windows_real_data(byte_tok: PreTrainedTokenizerFast) -> None:
     windows = calibration_windows(byte_tok, src, 8, 512, seed=0)
     assert windows.shape == (8, 512)
     assert torch.equal(windows, calibration_windows(byte_tok, src, 8, 512, seed=0))
+
+
+def test_c4_calibration_never_sees_the_held_out_documents() -> None:
+    """The last 100 JSON lines of the C4 sample are `romcomp eval`'s held-out C4 perplexity text."""
+    import json as _json
+
+    from calib.datasets import C4_CALIB_DOCS, resolve_data_dir
+
+    root = resolve_data_dir()
+    if root is None or not (root / "c4" / "c4_en_train_sample_1000.jsonl").exists():
+        pytest.skip("shared data not available")
+    lines = (root / "c4" / "c4_en_train_sample_1000.jsonl").read_text(encoding="utf-8").splitlines()
+    held_out = {_json.loads(line)["text"] for line in lines[C4_CALIB_DOCS:] if line.strip()}
+    source = load_calibration("c4")
+    assert held_out and not held_out & set(source.texts)
+    assert len(source.texts) <= C4_CALIB_DOCS and "held out" in source.description

@@ -1,0 +1,225 @@
+"""``romcomp eval`` reports: one JSON holding every number and setting, and a markdown table from it.
+
+The JSON is the record (the markdown is derived from it and never the other way round), so a table can
+always be regenerated from an old run, and a reader can check exactly which model files, data bytes,
+seeds, limits and library versions produced a number. A run with ``--limit`` is *partial*: its
+numbers are on the first N documents/windows only, and both outputs say so at the top.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT_FORMAT = 1
+_PACKAGES = ("romcomp", "torch", "transformers", "lm_eval", "datasets", "tokenizers", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of every library that can change a number (``missing`` when absent)."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "missing"
+    if found["romcomp"] == "missing":  # running from a checkout, not an installed distribution
+        from romcomp import __version__
+
+        found["romcomp"] = __version__
+    found["romcomp_git"] = _git_revision()
+    return found
+
+
+def _git_revision() -> str:
+    """``<commit>`` or ``<commit>-dirty`` of the romcomp checkout, ``unknown`` outside one."""
+    from romcomp.paths import REPO_ROOT
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(REPO_ROOT), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if commit and dirty else commit or "unknown"
+
+
+def new_report(settings: dict[str, Any]) -> dict[str, Any]:
+    """An empty report for ``settings`` (must hold ``limit``); models are appended as they finish."""
+    return {
+        "format": REPORT_FORMAT,
+        "partial": settings.get("limit") is not None,
+        "settings": settings,
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "data": {},
+        "models": [],
+    }
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """Write atomically, so an interrupted run never leaves half a JSON where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, sort_keys=False, allow_nan=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_partial(report: dict[str, Any]) -> bool:
+    """True when a number covers fewer examples or windows than its whole data set (``--limit``)."""
+    if report["settings"].get("limit") is not None:
+        return True
+    for model in report["models"]:
+        if any(e["windows"] < e["windows_available"] for e in model.get("perplexity", {}).values()):
+            return True
+        if any(e["docs_scored"] < e["docs_total"] for e in model.get("zeroshot", {}).values()):
+            return True
+    return False
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a report written by :func:`write_json`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "int":
+        return f"{int(value):,}"
+    if not math.isfinite(value):
+        return str(value)
+    if kind == "ppl":
+        return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def _row_specs(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(label, section, key, metric)`` for every number any model has, in first-seen order."""
+    specs: list[tuple[str, str, str, str]] = []
+    for model in report["models"]:
+        for name in model.get("perplexity", {}):
+            specs += [(f"{name} ppl", "perplexity", name, "ppl")]
+            specs += [(f"{name} tokens scored", "perplexity", name, "tokens_scored")]
+        for task, entry in model.get("zeroshot", {}).items():
+            for metric in entry["metrics"]:
+                if not metric.endswith("_stderr"):
+                    specs.append((f"{task} {metric}", "zeroshot", task, metric))
+    return list(dict.fromkeys(specs))
+
+
+def _value(model: dict[str, Any], section: str, key: str, metric: str) -> float | None:
+    entry = model.get(section, {}).get(key)
+    if entry is None:
+        return None
+    return entry.get(metric) if section == "perplexity" else entry["metrics"].get(metric)
+
+
+def _kind(metric: str) -> str:
+    return {"ppl": "ppl", "perplexity": "ppl", "tokens_scored": "int"}.get(metric, "acc")
+
+
+def mean_acc(model: dict[str, Any]) -> float | None:
+    """Mean ``acc`` over the zero-shot tasks, the single summary number compression papers print."""
+    accs = [
+        entry["metrics"]["acc"] for entry in model.get("zeroshot", {}).values() if "acc" in entry["metrics"]
+    ]
+    return sum(accs) / len(accs) if accs else None
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Markdown rows: a label and one formatted cell per model (rows = metrics, columns = models)."""
+    rows = [
+        (label, [_fmt(_value(m, section, key, metric), _kind(metric)) for m in report["models"]])
+        for label, section, key, metric in _row_specs(report)
+    ]
+    if any(mean_acc(m) is not None for m in report["models"]):
+        rows.append(("zero-shot mean acc", [_fmt(mean_acc(m), "acc") for m in report["models"]]))
+    return rows
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The human summary: a partial-run warning, the table, then the settings that produced it."""
+    settings = report["settings"]
+    lines = ["# romcomp eval", ""]
+    if report["partial"]:
+        lines += [f"**PARTIAL RUN** ({_partial_reason(settings)}): not comparable to full-set numbers.", ""]
+    names = [m["spec"] for m in report["models"]]
+    lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table_rows(report)]
+    lines += ["", *_settings_lines(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _partial_reason(settings: dict[str, Any]) -> str:
+    parts = []
+    if settings.get("limit") is not None:
+        parts.append(f"--limit {settings['limit']}: first {settings['limit']} examples per task")
+    if settings.get("ppl_windows") is not None and settings.get("ppl_tasks", True):
+        parts.append(f"first {settings['ppl_windows']} perplexity windows per set")
+    return "; ".join(parts)
+
+
+def _settings_lines(report: dict[str, Any]) -> list[str]:
+    s, v = report["settings"], report["versions"]
+    lines = [
+        f"- seq len {s.get('seq_len')}, threads {s.get('threads')}, dtype {s.get('dtype')}, "
+        f"batch size {s.get('batch_size')}, zero-shot (num_fewshot 0), seeds {s.get('seeds')}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+    ]
+    for model in report["models"]:
+        lines.append(
+            f"- `{model['spec']}`: {model.get('description', '')} (fingerprint {model['fingerprint'][:12]})"
+        )
+    docs = _docs_scored(report)
+    if docs:
+        lines.append("- examples scored: " + ", ".join(docs))
+    lines += [f"- note: {note}" for note in s.get("notes", [])]
+    for name, sha in report["data"].items():
+        lines.append(f"- data `{name}` sha256 {sha}")
+    return lines
+
+
+def _docs_scored(report: dict[str, Any]) -> list[str]:
+    seen: dict[str, str] = {}
+    for model in report["models"]:
+        for task, entry in model.get("zeroshot", {}).items():
+            seen.setdefault(task, f"{task} {entry['docs_scored']}/{entry['docs_total']}")
+    return list(seen.values())
+
+
+def parse_markdown_table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The model names and ``{label: cells}`` of the table in :func:`to_markdown` output (for checks)."""
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    if len(table) < 2:
+        return [], {}
+    header = _cells(table[0])[1:]
+    return header, {_cells(line)[0]: _cells(line)[1:] for line in table[2:]}
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def model_names(report: dict[str, Any]) -> Sequence[str]:
+    """Column order of the table."""
+    return [m["spec"] for m in report["models"]]
