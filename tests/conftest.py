@@ -10,22 +10,27 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data"
+REAL_DATA = DATA_DIR
+needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")
 
 
-def make_tokenizer(path: Path):
-    """A byte-level BPE tokenizer with no merges: 256 byte symbols + bos/eos, real text round-trips."""
+def byte_tokenizer():
+    """A real fast tokenizer with one token per UTF-8 byte: no hub access, predictable lengths."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
-    return fast
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>")
+
+
+def make_tokenizer(path: Path):
+    """Save the byte tokenizer beside a tiny model (ids 0-255 bytes, then bos 256, eos 257)."""
+    tok = byte_tokenizer()
+    tok.save_pretrained(path)
+    return tok
 
 
 def make_tiny_model(

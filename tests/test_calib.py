@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import calib
@@ -25,24 +24,12 @@ from calib import (
 )
 from romcomp.errors import BadInputError, RomcompError
 from romcomp.paths import REPO_ROOT
-
-REAL_DATA = REPO_ROOT.parent / "shared" / "data"
-needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")
-
-
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A real fast tokenizer with one token per UTF-8 byte: no hub access, predictable lengths."""
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>")
+from tests.conftest import REAL_DATA, byte_tokenizer, needs_real_data
 
 
 @pytest.fixture(scope="module")
 def byte_tok() -> PreTrainedTokenizerFast:
-    return _byte_tokenizer()
+    return byte_tokenizer()
 
 
 @pytest.fixture(autouse=True)

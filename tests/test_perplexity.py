@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -16,17 +15,14 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 import romcomp.perplexity as pp
 from calib.datasets import hf_wikitext_rows
 from romcomp.errors import BadInputError, RomcompError
-from romcomp.paths import REPO_ROOT
 from romcomp.perplexity import PerplexityResult, perplexity, ptb_test_ids, wikitext2_test_ids
+from tests.conftest import REAL_DATA, byte_tokenizer, needs_real_data
 
-REAL_DATA = REPO_ROOT.parent / "shared" / "data"
-needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")
 _SMALL = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -137,13 +133,6 @@ def test_float_ids_rejected() -> None:
         perplexity(_tiny(), torch.zeros(200), seq_len=64)
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
-
-
 @needs_real_data
 def test_wikitext2_ids_are_hf_rows_joined() -> None:
     """The evaluated text is ``"\\n\\n".join`` of the HF rows, which is longer than the raw file."""
@@ -154,7 +143,7 @@ def test_wikitext2_ids_are_hf_rows_joined() -> None:
     assert joined.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
     # A public CRLF copy of this joined text is 1,305,941 characters long.
     assert len(joined) + joined.count("\n") == 1_305_941
-    ids = wikitext2_test_ids(_byte_tokenizer())
+    ids = wikitext2_test_ids(byte_tokenizer())
     assert ids.dtype == torch.long and ids.dim() == 1
     assert ids.numel() == len(joined.encode("utf-8")) > len(raw)
 
@@ -163,12 +152,12 @@ def test_wikitext2_ids_are_hf_rows_joined() -> None:
 def test_ptb_ids_are_stripped_rows_joined() -> None:
     text = (REAL_DATA / "ptb" / "ptb.test.txt").read_text()
     joined = "\n\n".join(line.strip() for line in text.split("\n"))
-    assert ptb_test_ids(_byte_tokenizer(), REAL_DATA).numel() == len(joined.encode("utf-8"))
+    assert ptb_test_ids(byte_tokenizer(), REAL_DATA).numel() == len(joined.encode("utf-8"))
 
 
 def test_missing_eval_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RomcompError, match="ROMCOMP_DATA_DIR") as info:
-        wikitext2_test_ids(_byte_tokenizer(), tmp_path)
+        wikitext2_test_ids(byte_tokenizer(), tmp_path)
     assert str(tmp_path / "wikitext2_raw" / "wiki.test.raw") in str(info.value)
 
 
