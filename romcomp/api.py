@@ -102,7 +102,7 @@ def compress(
 
 def run(cfg: CompressConfig) -> CompressResult:
     """Validate everything cheap first, then stream the blocks; resumable from the manifest."""
-    from calib import calibration_windows, load_calibration
+    from calib import calibration_tokens_description, calibration_windows, load_calibration
     from romcomp.sources import resolve_model
 
     t_start = time.perf_counter()
@@ -126,7 +126,7 @@ def run(cfg: CompressConfig) -> CompressResult:
         torch.set_num_threads(cfg.threads)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     windows = calibration_windows(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
-    calib_desc = f"{calib.description}; {cfg.n_samples} x {cfg.seq_len} tokens, seed {cfg.seed}"
+    calib_desc = calibration_tokens_description(calib, cfg.n_samples, cfg.seq_len, cfg.seed)
 
     result_args = {**cfg.result_args(), "batch_size": mem.batch_size, "allocation": _allocation(cfg),
                    "calibration": calib_desc, "version": __version__}  # fmt: skip

@@ -243,19 +243,12 @@ def test_tokens_description() -> None:
 
 
 @needs_real_data
-def test_c4_windows_real_data(byte_tok: PreTrainedTokenizerFast) -> None:
-    src = load_calibration("c4")
-    windows = calibration_windows(byte_tok, src, 16, 256, seed=0)
-    assert windows.shape == (16, 256)
-    assert torch.equal(windows, calibration_windows(byte_tok, src, 16, 256, seed=0))
-
-
-@needs_real_data
-def test_wikitext2_windows_real_data(byte_tok: PreTrainedTokenizerFast) -> None:
-    src = load_calibration("wikitext2")
-    windows = calibration_windows(byte_tok, src, 8, 512, seed=0)
-    assert windows.shape == (8, 512)
-    assert torch.equal(windows, calibration_windows(byte_tok, src, 8, 512, seed=0))
+@pytest.mark.parametrize("name,n,length", [("c4", 16, 256), ("wikitext2", 8, 512)])
+def test_windows_real_data(byte_tok: PreTrainedTokenizerFast, name: str, n: int, length: int) -> None:
+    src = load_calibration(name)
+    windows = calibration_windows(byte_tok, src, n, length, seed=0)
+    assert windows.shape == (n, length)
+    assert torch.equal(windows, calibration_windows(byte_tok, src, n, length, seed=0))
 
 
 def test_c4_calibration_never_sees_the_held_out_documents() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

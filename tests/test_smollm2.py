@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from romcomp.errors import RomcompError
+from tests.conftest import REPO
 
 ARGS = ["--ratio", "0.2", "--max-ram", "4GB", "--n-samples", "16", "--threads", "2", "--no-progress"]
-REPO = Path(__file__).resolve().parent.parent
 
 
 def romcomp_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
