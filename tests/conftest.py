@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from romcomp.errors import RomcompError
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -85,3 +89,35 @@ def _offline_env():
     """Tests never touch the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("ROMCOMP_OFFLINE", "1")
+
+
+ARGS = ["--ratio", "0.2", "--max-ram", "4GB", "--n-samples", "16", "--threads", "2", "--no-progress"]
+
+
+def romcomp_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "romcomp.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    from romcomp.sources import resolve_model
+
+    try:
+        return resolve_model("smollm2-135m").path
+    except RomcompError as err:
+        pytest.skip(f"smollm2-135m not available: {err}")
+
+
+@pytest.fixture(scope="session")
+def compressed(smol_dir, tmp_path_factory) -> tuple[Path, str]:
+    """One CLI run of real SmolLM2-135M at ratio 0.2 (16 x 512 C4): shared by the real-model tests."""
+    out = tmp_path_factory.mktemp("smol") / "smol-r0.2"
+    proc = romcomp_cli("smollm2-135m", *ARGS, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from romcomp.errors import BadInputError
 from romcomp.evaluation import report as rep
-from romcomp.evaluation.cli import parse_tasks, plan, register
+from romcomp.evaluation.cli import Tasks, parse_tasks, plan, register
+from romcomp.evaluation.efficiency import SpeedSettings
 from romcomp.evaluation.ppl import C4_CALIB_DOCS, c4_heldout_ids, c4_heldout_texts, run_ppl
 from romcomp.evaluation.zeroshot import TASK_FILES
 
@@ -132,6 +133,11 @@ def test_prompts_match_lm_eval_formats(harness: dict[str, Any]) -> None:
     assert first["lambada_openai"][0][0].endswith("I don't care about")
     assert first["lambada_openai"][0][1] == " signs"
     assert first["openbookqa"][0][0].endswith("the best way to save money is to")
+    assert first["commonsense_qa"][0][0] == (
+        "Question: A revolving door is convenient for two direction travel, but it also serves as a security "
+        "measure at a what?\nA. bank\nB. department store\nC. mall\nD. new york\nAnswer:"
+    )
+    assert [c for _, c in first["commonsense_qa"]] == [" A", " B", " C", " D"]
 
 
 def test_acc_and_acc_norm_follow_the_harness_rule(harness: dict[str, Any]) -> None:
@@ -190,9 +196,12 @@ def test_multiple_choice_picks_the_constructed_answer(tiny_llama: Path, tmp_path
 
 
 def test_parse_tasks_groups_and_names() -> None:
-    assert parse_tasks("ppl") == (["wikitext2", "ptb", "c4"], [])
-    assert parse_tasks("piqa, c4") == (["c4"], ["piqa"])
-    assert parse_tasks("zeroshot")[1] == list(TASK_FILES)
+    assert parse_tasks("ppl") == Tasks(["wikitext2", "ptb", "c4"], [])
+    assert parse_tasks("piqa, c4, speed") == Tasks(["c4"], ["piqa"], speed=True)
+    assert parse_tasks("zeroshot").zeroshot == [t for t in TASK_FILES if t != "commonsense_qa"]
+    assert parse_tasks("knowledge") == Tasks([], ["commonsense_qa"], mmlu=True)
+    everything = parse_tasks("all")
+    assert everything.zeroshot == list(TASK_FILES) and everything.mmlu and everything.speed
 
 
 @pytest.mark.parametrize(
@@ -237,6 +246,153 @@ def test_cli_command_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path
     assert "PARTIAL RUN" in out_md.read_text() and doc["versions"]["lm_eval"]
 
 
+# ------------------------------------------------------------------------------------------------- MMLU
+
+
+@pytest.fixture(scope="module")
+def mmlu_run(tiny: tuple[Any, Any], data_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Two subjects, first 3 test questions each, 5-shot, with per-sample log-likelihoods."""
+    pytest.importorskip("lm_eval")
+    from romcomp.evaluation.mmlu import run_mmlu
+    from romcomp.evaluation.zeroshot import harness_model
+
+    model, tok = tiny
+    lm = harness_model(model, tok, 4, None)
+    return run_mmlu(lm, data_dir, limit=3, only=["anatomy", "high_school_us_history"], log_samples=True)
+
+
+def _mmlu_prompt(data_dir: Path, subject: str, index: int) -> str:
+    """The 5-shot prompt rendered by hand from the CSVs and lm-eval's mmlu template."""
+    from romcomp.evaluation.mmlu import read_csv
+
+    def block(doc: dict[str, Any]) -> str:
+        options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", doc["choices"], strict=True))
+        return f"{doc['question'].strip()}{options}\nAnswer:"
+
+    shots = read_csv(data_dir / "mmlu" / "dev" / f"{subject}_dev.csv")
+    test = read_csv(data_dir / "mmlu" / "test" / f"{subject}_test.csv")[index]
+    name = subject.replace("_", " ")
+    intro = f"The following are multiple choice questions (with answers) about {name}.\n\n"
+    return intro + "".join(f"{block(d)} {'ABCD'[d['answer']]}\n\n" for d in shots) + block(test)
+
+
+def test_mmlu_prompts_scores_and_averages(
+    tiny: tuple[Any, Any], mmlu_run: tuple[Any, dict[str, Any]], data_dir: Path
+) -> None:
+    """Prompts equal the hand-rendered 5-shot text; log-likelihoods equal a direct computation;
+    acc is the argmax letter; macro/micro averages follow from the subject accuracies."""
+    model, tok = tiny
+    result, samples = mmlu_run
+    for subject, docs in samples.items():
+        correct = []
+        for sample in docs:
+            args = sample["arguments"]
+            assert [c for _, c in args] == [" A", " B", " C", " D"]
+            assert args[0][0] == _mmlu_prompt(data_dir, subject, sample["doc_id"]), subject
+            lls = [ll for ll, _ in sample["filtered_resps"]]
+            if subject == "anatomy":  # prompts fit the tiny model's 256-token context only in part
+                for (context, continuation), ll in zip(args, lls, strict=True):
+                    assert math.isclose(ll, _direct_loglikelihood(model, tok, context, continuation),
+                                        rel_tol=1e-4, abs_tol=1e-3)  # fmt: skip
+            correct.append(float(max(range(4), key=lambda i: lls[i]) == sample["target"]))
+        entry = result.subjects[subject]
+        assert entry["acc"] == pytest.approx(sum(correct) / len(correct))
+        assert entry["docs_scored"] == 3 and entry["category"] in ("stem", "humanities")
+    assert result.subjects["anatomy"]["docs_total"] == 135
+    accs = [e["acc"] for e in result.subjects.values()]
+    assert result.macro() == pytest.approx(sum(accs) / 2)
+    summary = result.to_dict()
+    assert summary["docs_scored"] == 6 and summary["num_fewshot"] == 5
+    assert set(summary["categories"]) == {"stem", "humanities"}
+
+
+def test_mmlu_data_errors_are_one_line(tmp_path: Path) -> None:
+    from romcomp.errors import RomcompError
+    from romcomp.evaluation.mmlu import read_csv, subjects
+
+    with pytest.raises(RomcompError, match="MMLU data missing"):
+        subjects(tmp_path)
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev").mkdir()
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text(header)
+    with pytest.raises(RomcompError, match="x lack a test or dev CSV"):
+        subjects(tmp_path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(header + "q,a,b,c,d,7\n")
+    with pytest.raises(RomcompError, match="bad.csv:2"):
+        read_csv(bad)
+
+
+# ------------------------------------------------------------------------------------------- efficiency
+
+
+def test_speed_and_memory_measurements(tiny: tuple[Any, Any], tiny_llama: Path) -> None:
+    from romcomp.evaluation.efficiency import (
+        SpeedSettings,
+        measure_speed,
+        peak_rss_bytes,
+        reset_peak_rss,
+        weight_bytes_on_disk,
+    )
+
+    model, _ = tiny
+    settings = SpeedSettings(prefill_len=4096, decode_prompt_len=16, decode_tokens=4, repeats=1)
+    speed = measure_speed(model, settings)
+    assert speed["settings"]["prefill_len"] == model.config.max_position_embeddings  # capped by context
+    assert speed["threads"] == torch.get_num_threads()
+    for key in ("prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s"):
+        assert math.isfinite(speed[key]) and speed[key] > 0, key
+    assert speed["decode_b1_ms_per_token"] == pytest.approx(1000 / speed["decode_b1_tokens_per_s"])
+    shards = list(tiny_llama.glob("*.safetensors"))
+    assert len(shards) > 1 and weight_bytes_on_disk(tiny_llama) == sum(p.stat().st_size for p in shards)
+    if reset_peak_rss():  # Linux: the high-water mark restarts from the current RSS
+        before = peak_rss_bytes()
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
+        assert peak_rss_bytes() >= before + (60 << 20)
+        del block
+        reset_peak_rss()
+        assert peak_rss_bytes() < before + (32 << 20)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature and the chunk's CRC."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    (crc,) = struct.unpack(">I", data[29:33])
+    assert zlib.crc32(data[12:29]) == crc
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_are_valid_pngs(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from romcomp.evaluation.plots import lines, write_plots
+
+    doc = _report()
+    doc["models"].append(json.loads(json.dumps(doc["models"][0])) | {"spec": "other", "ratio": 0.0})
+    for model, ratio, width in zip(doc["models"], (0.0, 0.3, 0.0), (576, 576, 896), strict=True):
+        model.update(ratio=ratio, shape={"hidden_size": width, "num_hidden_layers": 30, "vocab_size": 49152},
+                     base_label=f"base-{width}", romcomp={"ratio": ratio} if ratio else None,
+                     efficiency={"decode_b1_tokens_per_s": 10.0 + ratio, "decode_b8_tokens_per_s": 50.0,
+                                 "prefill_tokens_per_s": 400.0})  # fmt: skip
+    ppl = lines(doc, lambda m: m["perplexity"]["wikitext2"]["ppl"])
+    assert ppl["base-576"] == [(0.0, 20.123), (0.3, pytest.approx(20.123 * 1.7))] and len(ppl) == 2
+    written = write_plots(doc, tmp_path / "sub" / "report")
+    assert [p.name for p in written] == ["report-ppl.png", "report-acc.png", "report-throughput.png"]
+    for path in written:
+        width, height = _png_size(path)
+        assert width > 200 and height > 200
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -253,6 +409,13 @@ def _report() -> dict[str, Any]:
                              "docs_scored": 1838, "docs_total": 1838},
                     "winogrande": {"metrics": {"acc": 0.515}, "docs_scored": 1267, "docs_total": 1267},
                 },
+                "parameters": int(134_515_008 / scale), "bytes_on_disk": int(538_090_408 / scale),
+                "mmlu": {"macro_acc": 0.25 / scale, "micro_acc": 0.26, "categories": {"stem": 0.24},
+                         "subjects": {"anatomy": {"acc": 0.3 / scale}},
+                         "docs_scored": 135, "docs_total": 135},
+                "efficiency": {"prefill_tokens_per_s": 441.5 * scale, "decode_b1_tokens_per_s": 15.8,
+                               "decode_b1_ms_per_token": 63.3, "decode_b8_tokens_per_s": 75.5,
+                               "threads": 2, "settings": SpeedSettings().to_dict()},
             }
         )  # fmt: skip
     return doc
@@ -269,7 +432,14 @@ def test_report_json_markdown_round_trip(tmp_path: Path) -> None:
         assert float(rows["wikitext2 ppl"][column]) == round(model["perplexity"]["wikitext2"]["ppl"], 2)
         assert float(rows["piqa acc"][column]) == round(model["zeroshot"]["piqa"]["metrics"]["acc"], 4)
         assert rows["wikitext2 tokens scored"][column] == "286,713"
-        assert float(rows["zero-shot mean acc"][column]) == round(rep.mean_acc(model), 4)
+        assert float(rows["zero-shot mean acc (tasks run)"][column]) == round(rep.mean_acc(model), 4)
+        assert float(rows["MMLU 5-shot macro acc"][column]) == round(model["mmlu"]["macro_acc"], 4)
+        assert float(rows["prefill tokens/s (batch 1)"][column]) == round(
+            model["efficiency"]["prefill_tokens_per_s"], 1
+        )
+        assert int(rows["parameters"][column].replace(",", "")) == model["parameters"]
+    assert "7-task mean acc" not in rows  # only two of the seven tasks ran
+    assert "| anatomy | 0.3000 | 0.1765 |" in rep.to_markdown(loaded)
     assert "acc_stderr" not in " ".join(rows) and "PARTIAL" not in rep.to_markdown(loaded)
     assert not rep.is_partial(loaded)
 
@@ -287,28 +457,45 @@ def test_partial_runs_are_marked() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_zeroshot_above_chance(data_dir: Path) -> None:
-    """Dense SmolLM2-135M, first 50 examples: PIQA, ARC-Easy and HellaSwag clearly above chance.
+def test_smollm2_dense_and_compressed_cli_report(compressed: tuple[Path, str], tmp_path: Path) -> None:
+    """``romcomp eval smollm2-135m <ratio-0.2 output>`` with --limit: accuracies above chance, perplexity and
+    size ordered as compression implies, speed measured, the report round-trips and the plots are PNGs.
 
-    Measured on the first 200 (this harness): PIQA acc 0.645, ARC-Easy 0.49, HellaSwag acc_norm 0.38;
+    Dense SmolLM2 on the first 200 (this harness): PIQA acc 0.645, ARC-Easy 0.49, HellaSwag acc_norm 0.38;
     chance is 0.5 / 0.25 / 0.25, so margins of 0.07 / 0.15 / 0.05 leave room for the 50-example noise
     (one standard error is about 0.07) while still failing for a broken prompt or scoring.
     """
     pytest.importorskip("lm_eval")
-    from romcomp.errors import RomcompError
-    from romcomp.evaluation.zeroshot import run_zeroshot
-    from romcomp.sources import resolve_model
+    pytest.importorskip("matplotlib")
+    from tests.conftest import romcomp_cli
 
-    try:
-        path = resolve_model("smollm2-135m").path
-    except RomcompError as err:
-        pytest.skip(f"smollm2-135m not available: {err}")
-    model, tok = _load(path)
-    tasks = ["piqa", "arc_easy", "hellaswag"]
-    results = {r.task: r.metrics for r in run_zeroshot(model, tok, tasks, data_dir, limit=50)}
-    assert results["piqa"]["acc"] > 0.5 + 0.07, results
-    assert results["arc_easy"]["acc"] > 0.25 + 0.15, results
-    assert results["hellaswag"]["acc_norm"] > 0.25 + 0.05, results
+    out, _ = compressed
+    out_json, out_md = tmp_path / "eval.json", tmp_path / "eval.md"
+    proc = romcomp_cli(
+        "eval", "smollm2-135m", str(out), "--tasks", "wikitext2,piqa,arc_easy,hellaswag,speed",
+        "--limit", "50", "--ppl-windows", "4", "--seq-len", "512", "--threads", "2",
+        "--json", str(out_json), "--report", str(out_md), timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = rep.load_json(out_json)
+    dense, small = doc["models"]
+    acc = {task: entry["metrics"] for task, entry in dense["zeroshot"].items()}
+    assert acc["piqa"]["acc"] > 0.5 + 0.07, acc
+    assert acc["arc_easy"]["acc"] > 0.25 + 0.15, acc
+    assert acc["hellaswag"]["acc_norm"] > 0.25 + 0.05, acc
+    assert dense["ratio"] == 0.0 and small["ratio"] == 0.2 and small["romcomp"]["method"] == "rom"
+    assert "c4" in small["romcomp"]["calibration"]
+    assert dense["perplexity"]["wikitext2"]["ppl"] < small["perplexity"]["wikitext2"]["ppl"]
+    assert small["parameters"] < dense["parameters"] and small["bytes_on_disk"] < dense["bytes_on_disk"]
+    for model in doc["models"]:
+        assert model["efficiency"]["threads"] == 2 and model["efficiency"]["decode_b8_tokens_per_s"] > 0
+        assert 0 < model["load_peak_rss_bytes"] <= model["run_peak_rss_bytes"] or not model["rss_reset"]
+    assert doc["partial"] and out_md.read_text() == rep.to_markdown(doc) and "PARTIAL RUN" in proc.stdout
+    names, rows = rep.parse_markdown_table(out_md.read_text())
+    assert names == ["smollm2-135m", str(out)] and rows["ratio"] == ["0.00", "0.20"]
+    plots = [Path(p) for p in doc["plots"]]
+    assert [p.name for p in plots] == ["eval-ppl.png", "eval-acc.png", "eval-throughput.png"]
+    assert all(_png_size(p)[0] > 200 for p in plots)
 
 
 def test_task_templates_are_package_files() -> None:

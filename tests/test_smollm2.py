@@ -17,39 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from romcomp.errors import RomcompError
-from tests.conftest import REPO
-
-ARGS = ["--ratio", "0.2", "--max-ram", "4GB", "--n-samples", "16", "--threads", "2", "--no-progress"]
-
-
-def romcomp_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "romcomp.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
-@pytest.fixture(scope="module")
-def smol_dir() -> Path:
-    from romcomp.sources import resolve_model
-
-    try:
-        return resolve_model("smollm2-135m").path
-    except RomcompError as err:
-        pytest.skip(f"smollm2-135m not available: {err}")
-
-
-@pytest.fixture(scope="module")
-def compressed(smol_dir, tmp_path_factory) -> tuple[Path, str]:
-    """One CLI run at ratio 0.2; the reference output for the other tests."""
-    out = tmp_path_factory.mktemp("smol") / "smol-r0.2"
-    proc = romcomp_cli("smollm2-135m", *ARGS, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+from tests.conftest import ARGS, REPO, romcomp_cli
 
 
 def reported(stdout: str, label: str) -> tuple[int, int]:

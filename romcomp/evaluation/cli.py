@@ -1,4 +1,4 @@
-"""``romcomp eval``: perplexity and zero-shot accuracy of dense and compressed models, one report.
+"""``romcomp eval``: perplexity, accuracy and speed of dense and compressed models, one report.
 
 Everything that can be wrong with the input (task names, limits, data files, the optional harness, model
 specs) is checked before the first model is loaded, because loading a 7B model on a CPU takes minutes
@@ -21,10 +21,19 @@ from romcomp.errors import BadInputError
 from romcomp.evaluation.ppl import PPL_FILES
 from romcomp.evaluation.zeroshot import BOOTSTRAP_ITERS, LM_EVAL_VERSION, SEEDS, TASK_FILES
 
-GROUPS: dict[str, list[str]] = {"ppl": list(PPL_FILES), "zeroshot": list(TASK_FILES)}
+ZEROSHOT = [t for t in TASK_FILES if t != "commonsense_qa"]
+SPECIAL = ["mmlu", "speed"]
+GROUPS: dict[str, list[str]] = {
+    "ppl": list(PPL_FILES),
+    "zeroshot": ZEROSHOT,
+    "knowledge": ["mmlu", "commonsense_qa"],
+    "all": [*PPL_FILES, *TASK_FILES, *SPECIAL],
+}
 NOTES: dict[str, str] = {
     "c4": "c4: JSON lines 901-1000 of the 1000-doc C4 train sample, held out from calibration",
     "hellaswag": "hellaswag: a 1000-row subset of the 10,042-row validation split (all the data dir has)",
+    "commonsense_qa": "commonsense_qa: llm-foundry's copy keeps 4 of the 5 options (chance 0.25)",
+    "mmlu": "mmlu: 5-shot from the dev split (first 5, lm-eval's first_n), macro = mean of subject accs",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_JSON = Path("romcomp-eval.json")
@@ -41,12 +50,25 @@ Examples:
 
 
 @dataclass
+class Tasks:
+    """What ``--tasks`` selected, in canonical order."""
+
+    ppl: list[str] = field(default_factory=list)
+    zeroshot: list[str] = field(default_factory=list)
+    mmlu: bool = False
+    speed: bool = False
+
+    def names(self) -> list[str]:
+        flags = [name for name, on in (("mmlu", self.mmlu), ("speed", self.speed)) if on]
+        return [*self.ppl, *self.zeroshot, *flags]
+
+
+@dataclass
 class EvalPlan:
     """A validated ``romcomp eval`` invocation: nothing in it can fail for a user-input reason."""
 
     models: list[Any]  # ResolvedModel
-    ppl: list[str]
-    zeroshot: list[str]
+    tasks: Tasks
     data_dir: Path
     data_files: dict[str, Path] = field(default_factory=dict)
     limit: int | None = None
@@ -55,48 +77,63 @@ class EvalPlan:
     threads: int | None = None
     batch_size: int = 4
     dtype: str = "float32"
+    plots: bool = True
 
 
-def parse_tasks(spec: str) -> tuple[list[str], list[str]]:
-    """``"ppl,zeroshot"`` / ``"wikitext2,piqa"`` -> (perplexity sets, zero-shot tasks), in canonical order."""
+def parse_tasks(spec: str) -> Tasks:
+    """``"ppl,zeroshot"`` / ``"wikitext2,piqa,mmlu,speed"`` -> the selection, in canonical order."""
     wanted: set[str] = set()
     for name in (part.strip().lower() for part in spec.split(",")):
         if not name:
             continue
         if name in GROUPS:
             wanted.update(GROUPS[name])
-        elif name in PPL_FILES or name in TASK_FILES:
+        elif name in PPL_FILES or name in TASK_FILES or name in SPECIAL:
             wanted.add(name)
         else:
-            known = ", ".join([*GROUPS, *PPL_FILES, *TASK_FILES])
+            known = ", ".join([*GROUPS, *PPL_FILES, *TASK_FILES, *SPECIAL])
             raise BadInputError(f"unknown task {name!r}; known: {known}")
     if not wanted:
         raise BadInputError("--tasks is empty")
-    return [n for n in PPL_FILES if n in wanted], [n for n in TASK_FILES if n in wanted]
+    return Tasks(
+        [n for n in PPL_FILES if n in wanted], [n for n in TASK_FILES if n in wanted],
+        "mmlu" in wanted, "speed" in wanted,
+    )  # fmt: skip
 
 
 def plan(
     models: list[str], tasks: str, data_dir: Path | None, limit: int | None = None,
     ppl_windows: int | None = None, seq_len: int = 2048, threads: int | None = None,
-    batch_size: int = 4, dtype: str = "float32",
+    batch_size: int = 4, dtype: str = "float32", plots: bool = True,
 ) -> EvalPlan:  # fmt: skip
     """Validate everything and resolve the models; raises BadInputError/RomcompError before any load."""
     from calib.datasets import resolve_data_dir
+    from romcomp.evaluation import mmlu
+    from romcomp.evaluation.plots import require_matplotlib
     from romcomp.evaluation.ppl import ppl_data_files
     from romcomp.evaluation.zeroshot import require_lm_eval, task_data_files
     from romcomp.sources import resolve_model
 
-    ppl, zeroshot = parse_tasks(tasks)
+    sel = parse_tasks(tasks)
     _check_numbers(models, limit, ppl_windows, seq_len, threads, batch_size, dtype)
     root = resolve_data_dir(data_dir)
-    if root is None or not root.is_dir():
+    needs_data = sel.ppl or sel.zeroshot or sel.mmlu
+    if needs_data and (root is None or not root.is_dir()):
         raise BadInputError(f"data directory {root or '(none found)'} does not exist; pass --data-dir")
-    files = {**ppl_data_files(ppl, root), **(task_data_files(zeroshot, root) if zeroshot else {})}
-    if zeroshot:
+    files = {**ppl_data_files(sel.ppl, root)} if sel.ppl else {}
+    if sel.zeroshot or sel.mmlu:
         require_lm_eval()
+    if sel.zeroshot:
+        files.update(task_data_files(sel.zeroshot, root))
+    if sel.mmlu:
+        files.update(mmlu.data_files(root))
+    plots = plots and len(models) > 1
+    if plots:
+        require_matplotlib()
     resolved = [resolve_model(spec) for spec in models]
+    root = root or Path(".")
     return EvalPlan(
-        resolved, ppl, zeroshot, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype
+        resolved, sel, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots
     )
 
 
@@ -117,13 +154,18 @@ def _check_numbers(
 
 def settings(p: EvalPlan) -> dict[str, Any]:
     """The report's ``settings``: every knob that changes a number."""
+    from romcomp.evaluation.efficiency import SpeedSettings
+
+    t = p.tasks
     return {
-        "ppl_tasks": p.ppl, "zeroshot_tasks": p.zeroshot, "limit": p.limit,
+        "tasks": t.names(), "ppl_tasks": t.ppl, "zeroshot_tasks": t.zeroshot, "limit": p.limit,
         "ppl_windows": p.ppl_windows if p.ppl_windows is not None else p.limit,
         "seq_len": p.seq_len, "threads": p.threads, "batch_size": p.batch_size, "dtype": p.dtype,
-        "num_fewshot": 0, "seeds": SEEDS, "data_dir": str(p.data_dir),
-        "harness": f"lm-eval {LM_EVAL_VERSION}" if p.zeroshot else None, "bootstrap_iters": BOOTSTRAP_ITERS,
-        "notes": [note for name, note in NOTES.items() if name in (*p.ppl, *p.zeroshot)],
+        "num_fewshot": {"zeroshot": 0, "mmlu": 5}, "seeds": SEEDS, "data_dir": str(p.data_dir),
+        "harness": f"lm-eval {LM_EVAL_VERSION}" if (t.zeroshot or t.mmlu) else None,
+        "bootstrap_iters": BOOTSTRAP_ITERS,
+        "speed": SpeedSettings().to_dict() if t.speed else None,
+        "notes": [note for name, note in NOTES.items() if name in t.names()],
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 
@@ -141,50 +183,87 @@ def load_model(path: Path, dtype: str) -> tuple[Any, Any]:
 
 
 def model_identity(resolved: Any, model: Any) -> dict[str, Any]:
-    """What identifies the weights evaluated: resolution, fingerprint, config hash, parameter count."""
+    """What identifies the weights evaluated: resolution, fingerprint, config hash, size, romcomp record."""
+    import json
+
+    from romcomp.evaluation.efficiency import weight_bytes_on_disk
+
     config = resolved.path / "config.json"
     manifest = resolved.path / ".romcomp" / "manifest.json"
+    record = json.loads(config.read_text()).get("romcomp")
+    cfg = model.config
+    romcomp = None
+    if isinstance(record, dict):
+        romcomp = {k: record.get(k) for k in ("ratio", "method", "allocation", "calib_stream", "calibration",
+                                              "source", "version")}  # fmt: skip
     return {
         "spec": resolved.spec, "path": str(resolved.path), "description": resolved.description,
         "fingerprint": resolved.fingerprint,
         "config_sha256": _sha256(config),
         "romcomp_manifest_sha256": _sha256(manifest) if manifest.is_file() else None,
-        "model_type": getattr(model.config, "model_type", None),
+        "model_type": getattr(cfg, "model_type", None),
+        "romcomp": romcomp, "ratio": float(romcomp["ratio"]) if romcomp else 0.0,
+        "base_label": (romcomp or {}).get("source") or f"{resolved.spec} (dense)",
+        "shape": {k: getattr(cfg, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
         "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes_on_disk": weight_bytes_on_disk(resolved.path),
     }  # fmt: skip
 
 
 def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
-    """Load one model, run the requested perplexities and zero-shot tasks, and free it."""
-    from romcomp.evaluation.ppl import run_ppl
-    from romcomp.evaluation.zeroshot import run_zeroshot
-    from romcomp.memory import peak_rss
+    """Load one model, run the requested measurements, and free it (peak RSS reset per phase)."""
+    import gc
 
+    from romcomp.evaluation.efficiency import measure_speed, peak_rss_bytes, reset_peak_rss
+    from romcomp.evaluation.ppl import run_ppl
+    from romcomp.memory import release_heap
+
+    gc.collect()
+    release_heap()
+    rss_reset = reset_peak_rss()
     start = time.perf_counter()
     model, tokenizer = load_model(resolved.path, p.dtype)
     entry = model_identity(resolved, model)
     entry["load_seconds"] = round(time.perf_counter() - start, 2)
-    if p.ppl:
+    entry["load_peak_rss_bytes"] = peak_rss_bytes()
+    entry["rss_reset"] = rss_reset and reset_peak_rss()
+    t = p.tasks
+    if t.ppl:
         windows = p.ppl_windows if p.ppl_windows is not None else p.limit
         ppl_batch = 1 if p.seq_len >= 1024 else p.batch_size  # attention scores grow with L^2
-        results = run_ppl(model, tokenizer, p.ppl, p.data_dir, p.seq_len, windows, ppl_batch)
+        results = run_ppl(model, tokenizer, t.ppl, p.data_dir, p.seq_len, windows, ppl_batch)
         entry["perplexity"] = {r.dataset: r.to_dict() for r in results}
-    if p.zeroshot:
-        # max_length stays lm-eval's own choice (the model's context), as in published harness numbers
-        results = run_zeroshot(model, tokenizer, p.zeroshot, p.data_dir, p.limit, p.batch_size)
+    if t.zeroshot or t.mmlu:
+        _harness_tasks(p, model, tokenizer, entry)
+    if t.speed:
+        entry["efficiency"] = measure_speed(model)
+    entry["seconds"] = round(time.perf_counter() - start, 2)
+    entry["run_peak_rss_bytes"] = peak_rss_bytes()
+    entry["peak_rss_bytes"] = entry["run_peak_rss_bytes"]  # format-1 name, kept for old readers
+    del model, tokenizer
+    return entry
+
+
+def _harness_tasks(p: EvalPlan, model: Any, tokenizer: Any, entry: dict[str, Any]) -> None:
+    """Zero-shot tasks and MMLU through one lm-eval HFLM wrapper (built once per model)."""
+    from romcomp.evaluation.mmlu import run_mmlu
+    from romcomp.evaluation.zeroshot import harness_model, run_zeroshot
+
+    # max_length stays lm-eval's own choice (the model's context), as in published harness numbers
+    lm = harness_model(model, tokenizer, p.batch_size, None)
+    if p.tasks.zeroshot:
+        results = run_zeroshot(model, tokenizer, p.tasks.zeroshot, p.data_dir, p.limit, lm=lm)
         entry["zeroshot"] = {
             r.task: {"metrics": r.metrics, "docs_scored": r.docs_scored, "docs_total": r.docs_total,
                      "data_file": r.data_file, "sha256": r.sha256}
             for r in results
         }  # fmt: skip
-    entry["seconds"] = round(time.perf_counter() - start, 2)
-    entry["peak_rss_bytes"] = peak_rss()
-    del model
-    return entry
+    if p.tasks.mmlu:
+        entry["mmlu"] = run_mmlu(lm, p.data_dir, p.limit)[0].to_dict()
 
 
 def run(p: EvalPlan, json_path: Path, report_path: Path | None) -> dict[str, Any]:
-    """Evaluate every model in turn, rewriting the JSON (and markdown) after each one."""
+    """Evaluate every model in turn, rewriting the JSON (and markdown, plots) after each one."""
     import torch
 
     from romcomp.evaluation import report as rep
@@ -198,10 +277,20 @@ def run(p: EvalPlan, json_path: Path, report_path: Path | None) -> dict[str, Any
         doc["models"].append(evaluate_one(p, resolved))
         doc["partial"] = rep.is_partial(doc)
         doc["settings"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if p.plots and len(doc["models"]) == len(p.models):
+            doc["plots"] = [str(path) for path in _plots(doc, json_path, report_path)]
         rep.write_json(doc, json_path)
         if report_path is not None:
             Path(report_path).write_text(rep.to_markdown(doc), encoding="utf-8")
     return doc
+
+
+def _plots(doc: dict[str, Any], json_path: Path, report_path: Path | None) -> list[Path]:
+    """PNGs beside the markdown report (else the JSON), named after it: ``<stem>-ppl.png`` etc."""
+    from romcomp.evaluation.plots import write_plots
+
+    anchor = Path(report_path if report_path is not None else json_path)
+    return write_plots(doc, anchor.with_suffix(""))
 
 
 def _sha256(path: Path) -> str:
@@ -214,9 +303,10 @@ def eval_command(
     ],
     tasks: Annotated[
         str,
-        typer.Option(help="Comma list of ppl, zeroshot, wikitext2, ptb, c4, piqa, arc_easy, arc_challenge, "
-                          "hellaswag, winogrande, boolq, openbookqa, copa, lambada_openai."),
-    ] = "ppl,zeroshot",
+        typer.Option(help="Comma list of groups ppl, zeroshot, knowledge, all and names wikitext2, ptb, c4, "
+                          "piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa, copa, "
+                          "lambada_openai, commonsense_qa, mmlu (5-shot), speed (prefill/decode tok/s)."),
+    ] = "ppl,zeroshot,speed",
     limit: Annotated[
         int | None, typer.Option(help="Quick partial run: first N examples per task (and N ppl windows).")
     ] = None,
@@ -236,11 +326,14 @@ def eval_command(
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 (half the RAM), float16.")] = (
         "float32"
     ),
+    plots: Annotated[
+        bool, typer.Option(help="With several models: PNGs of ppl/acc/throughput vs ratio beside the report.")
+    ] = True,
 ) -> None:  # fmt: skip
-    """Perplexity (WikiText-2, PTB, held-out C4) and zero-shot accuracy via lm-eval, as JSON + markdown."""
+    """Perplexity, zero-shot/MMLU accuracy via lm-eval, size, memory and speed, as JSON + markdown."""
     from romcomp.evaluation.report import to_markdown
 
-    p = plan(models, tasks, data_dir, limit, ppl_windows, seq_len, threads, batch_size, dtype)
+    p = plan(models, tasks, data_dir, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots)
     doc = run(p, json_path, report)
     typer.echo(to_markdown(doc))
 

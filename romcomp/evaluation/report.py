@@ -8,6 +8,7 @@ numbers are on the first N documents/windows only, and both outputs say so at th
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -93,6 +94,9 @@ def is_partial(report: dict[str, Any]) -> bool:
             return True
         if any(e["docs_scored"] < e["docs_total"] for e in model.get("zeroshot", {}).values()):
             return True
+        mmlu = model.get("mmlu")
+        if mmlu and mmlu["docs_scored"] < mmlu["docs_total"]:
+            return True
     return False
 
 
@@ -110,7 +114,27 @@ def _fmt(value: float | None, kind: str) -> str:
         return str(value)
     if kind == "ppl":
         return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3e}"
+    if kind == "bytes":
+        from romcomp.memory import fmt_bytes
+
+        return fmt_bytes(int(value))
+    if kind in ("speed", "ratio"):
+        return f"{value:.2f}" if kind == "ratio" else f"{value:.1f}"
     return f"{value:.4f}"
+
+
+SIZE_ROWS = (
+    ("parameters", "parameters", "int"),
+    ("bytes on disk (weights)", "bytes_on_disk", "bytes"),
+    ("peak RSS while loading", "load_peak_rss_bytes", "bytes"),
+    ("peak RSS while evaluating", "run_peak_rss_bytes", "bytes"),
+)
+SPEED_ROWS = (
+    ("prefill tokens/s (batch 1)", "prefill_tokens_per_s"),
+    ("decode tokens/s, batch 1", "decode_b1_tokens_per_s"),
+    ("decode ms/token, batch 1", "decode_b1_ms_per_token"),
+    ("decode tokens/s, batch 8", "decode_b8_tokens_per_s"),
+)
 
 
 def _row_specs(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -139,22 +163,75 @@ def _kind(metric: str) -> str:
 
 
 def mean_acc(model: dict[str, Any]) -> float | None:
-    """Mean ``acc`` over the zero-shot tasks, the single summary number compression papers print."""
+    """Mean ``acc`` over the zero-shot tasks that were run."""
     accs = [
         entry["metrics"]["acc"] for entry in model.get("zeroshot", {}).values() if "acc" in entry["metrics"]
     ]
     return sum(accs) / len(accs) if accs else None
 
 
+def seven_task_acc(model: dict[str, Any]) -> float | None:
+    """Mean ``acc`` over the seven tasks of SVD-LLM/ASVD tables; None unless all seven were run."""
+    from romcomp.evaluation.zeroshot import SEVEN_TASKS
+
+    zs = model.get("zeroshot", {})
+    if not all(task in zs and "acc" in zs[task]["metrics"] for task in SEVEN_TASKS):
+        return None
+    return sum(zs[task]["metrics"]["acc"] for task in SEVEN_TASKS) / len(SEVEN_TASKS)
+
+
+def _mmlu_rows(models: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    if not any("mmlu" in m for m in models):
+        return []
+    rows = [
+        ("MMLU 5-shot macro acc", [_fmt(m.get("mmlu", {}).get("macro_acc"), "acc") for m in models]),
+        ("MMLU 5-shot micro acc", [_fmt(m.get("mmlu", {}).get("micro_acc"), "acc") for m in models]),
+    ]
+    cats = dict.fromkeys(c for m in models for c in m.get("mmlu", {}).get("categories", {}))
+    rows += [(f"MMLU {cat} (macro)", [_fmt(m.get("mmlu", {}).get("categories", {}).get(cat), "acc")
+                                      for m in models]) for cat in cats]  # fmt: skip
+    return rows
+
+
 def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """Markdown rows: a label and one formatted cell per model (rows = metrics, columns = models)."""
-    rows = [
-        (label, [_fmt(_value(m, section, key, metric), _kind(metric)) for m in report["models"]])
+    models = report["models"]
+    rows = []
+    if any("ratio" in m for m in models):
+        rows.append(("ratio", [_fmt(m.get("ratio"), "ratio") for m in models]))
+    rows += [(label, [_fmt(m.get(key), kind) for m in models]) for label, key, kind in SIZE_ROWS
+             if any(m.get(key) is not None for m in models)]  # fmt: skip
+    rows += [
+        (label, [_fmt(_value(m, section, key, metric), _kind(metric)) for m in models])
         for label, section, key, metric in _row_specs(report)
     ]
-    if any(mean_acc(m) is not None for m in report["models"]):
-        rows.append(("zero-shot mean acc", [_fmt(mean_acc(m), "acc") for m in report["models"]]))
+    if any(seven_task_acc(m) is not None for m in models):
+        rows.append(("7-task mean acc", [_fmt(seven_task_acc(m), "acc") for m in models]))
+    if any(mean_acc(m) is not None for m in models):
+        rows.append(("zero-shot mean acc (tasks run)", [_fmt(mean_acc(m), "acc") for m in models]))
+    rows += _mmlu_rows(models)
+    rows += [(label, [_fmt(m.get("efficiency", {}).get(key), "speed") for m in models])
+             for label, key in SPEED_ROWS if any(key in m.get("efficiency", {}) for m in models)]  # fmt: skip
     return rows
+
+
+def mmlu_subject_lines(report: dict[str, Any]) -> list[str]:
+    """A second table: MMLU accuracy per subject (rows) and model (columns)."""
+    models = [m for m in report["models"] if "mmlu" in m]
+    if not models:
+        return []
+    subjects = dict.fromkeys(s for m in models for s in m["mmlu"]["subjects"])
+    lines = [
+        "",
+        "## MMLU per subject (5-shot acc)",
+        "",
+        "| subject | " + " | ".join(m["spec"] for m in models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+    for subject in subjects:
+        cells = [_fmt(m["mmlu"]["subjects"].get(subject, {}).get("acc"), "acc") for m in models]
+        lines.append(f"| {subject} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -166,7 +243,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     names = [m["spec"] for m in report["models"]]
     lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table_rows(report)]
-    lines += ["", *_settings_lines(report)]
+    lines += ["", *_settings_lines(report), *mmlu_subject_lines(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -183,19 +260,38 @@ def _settings_lines(report: dict[str, Any]) -> list[str]:
     s, v = report["settings"], report["versions"]
     lines = [
         f"- seq len {s.get('seq_len')}, threads {s.get('threads')}, dtype {s.get('dtype')}, "
-        f"batch size {s.get('batch_size')}, zero-shot (num_fewshot 0), seeds {s.get('seeds')}",
+        f"batch size {s.get('batch_size')}, zero-shot tasks num_fewshot 0, MMLU num_fewshot 5, "
+        f"seeds {s.get('seeds')}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
     ]
     for model in report["models"]:
         lines.append(
             f"- `{model['spec']}`: {model.get('description', '')} (fingerprint {model['fingerprint'][:12]})"
         )
+        if model.get("romcomp"):
+            rc = model["romcomp"]
+            lines.append(f"  - romcomp {rc.get('method')} ratio {rc.get('ratio')}, "
+                         f"{rc.get('allocation')} ranks, calibrated on {rc.get('calibration')}")  # fmt: skip
+        if model.get("efficiency"):
+            from romcomp.evaluation.efficiency import describe
+
+            reset = "per model and phase" if model.get("rss_reset") else "cumulative (reset unavailable)"
+            lines.append(f"  - speed: {describe(model['efficiency'])}; peak RSS {reset}")
     docs = _docs_scored(report)
     if docs:
         lines.append("- examples scored: " + ", ".join(docs))
     lines += [f"- note: {note}" for note in s.get("notes", [])]
+    grouped: dict[str, list[str]] = {}
     for name, sha in report["data"].items():
-        lines.append(f"- data `{name}` sha256 {sha}")
+        if name.startswith("mmlu/"):  # 114 files: one combined line here, each file in the JSON
+            grouped.setdefault("mmlu", []).append(f"{name} {sha}")
+        else:
+            lines.append(f"- data `{name}` sha256 {sha}")
+    for group, entries in grouped.items():
+        combined = hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
+        lines.append(
+            f"- data `{group}/` {len(entries)} files, sha256 of the sorted 'name sha256' list {combined}"
+        )
     return lines
 
 
@@ -204,6 +300,8 @@ def _docs_scored(report: dict[str, Any]) -> list[str]:
     for model in report["models"]:
         for task, entry in model.get("zeroshot", {}).items():
             seen.setdefault(task, f"{task} {entry['docs_scored']}/{entry['docs_total']}")
+        if "mmlu" in model:
+            seen.setdefault("mmlu", f"mmlu {model['mmlu']['docs_scored']}/{model['mmlu']['docs_total']}")
     return list(seen.values())
 
 

@@ -38,8 +38,12 @@ TASK_FILES: dict[str, str] = {
     "openbookqa": "zeroshot_llmfoundry/openbook_qa.jsonl",
     "copa": "zeroshot_llmfoundry/copa.jsonl",
     "lambada_openai": "zeroshot_llmfoundry/lambada_openai.jsonl",
+    "commonsense_qa": "zeroshot_llmfoundry/commonsense_qa.jsonl",
 }
 """Task name (as in lm-eval) -> its data file under the data directory."""
+
+SEVEN_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa")
+"""The seven tasks whose mean accuracy SVD-LLM, ASVD and most compression papers print."""
 
 LM_EVAL_VERSION = "0.4.13"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "tasks"
@@ -100,11 +104,15 @@ def write_task_dir(dest: Path, files: dict[str, Path], datasets_cache: Path) -> 
     """Fill the YAML templates with absolute data paths (JSON-escaped, valid in YAML double quotes)."""
     for task, data_file in files.items():
         text = (TEMPLATE_DIR / f"{task}.yaml").read_text(encoding="utf-8")
-        text = text.replace(DATA_PLACEHOLDER, _yaml_quoted(data_file.resolve()))
-        text = text.replace(CACHE_PLACEHOLDER, _yaml_quoted(datasets_cache.resolve()))
-        (dest / f"{task}.yaml").write_text(text, encoding="utf-8")
+        (dest / f"{task}.yaml").write_text(fill_template(text, data_file, datasets_cache), encoding="utf-8")
     if "hellaswag" in files:
         shutil.copyfile(_lm_eval_file("tasks/hellaswag/utils.py"), dest / "hellaswag_utils.py")
+
+
+def fill_template(text: str, data_file: Path, datasets_cache: Path) -> str:
+    """A task template with its data file and the private datasets cache filled in."""
+    text = text.replace(DATA_PLACEHOLDER, _yaml_quoted(data_file.resolve()))
+    return text.replace(CACHE_PLACEHOLDER, _yaml_quoted(datasets_cache.resolve()))
 
 
 def _yaml_quoted(path: Path) -> str:
@@ -124,15 +132,22 @@ def _lm_eval_file(relpath: str) -> Path:
 
 
 @contextmanager
+def private_task_dir() -> Iterator[tuple[Path, Path]]:
+    """(task directory, datasets cache) in a temporary directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="romcomp-eval-") as tmp:
+        root = Path(tmp)
+        (root / "tasks").mkdir()
+        yield root / "tasks", root / "datasets-cache"
+
+
+@contextmanager
 def task_manager(files: dict[str, Path]) -> Iterator[Any]:
     """A TaskManager that knows only romcomp's tasks, living in a temporary directory."""
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="romcomp-eval-") as tmp:
-        root = Path(tmp)
-        (root / "tasks").mkdir()
-        write_task_dir(root / "tasks", files, root / "datasets-cache")
-        yield TaskManager(include_path=str(root / "tasks"), include_defaults=False)
+    with private_task_dir() as (tasks_dir, cache):
+        write_task_dir(tasks_dir, files, cache)
+        yield TaskManager(include_path=str(tasks_dir), include_defaults=False)
 
 
 def harness_model(model: Any, tokenizer: Any, batch_size: int, max_length: int | None) -> Any:
@@ -151,13 +166,16 @@ def run_zeroshot(
     batch_size: int = 4,
     max_length: int | None = None,
     log_samples: bool = False,
+    lm: Any = None,
 ) -> list[TaskResult]:
-    """Evaluate ``tasks`` zero-shot on the first ``limit`` documents of each (all when None)."""
+    """Evaluate ``tasks`` zero-shot on the first ``limit`` documents of each (all when None).
+
+    ``lm``: an existing HFLM to reuse (its model/tokenizer/batch size win over the arguments)."""
     require_lm_eval()
     import lm_eval
 
     files = task_data_files(tasks, data_dir)
-    lm = harness_model(model, tokenizer, batch_size, max_length)
+    lm = lm if lm is not None else harness_model(model, tokenizer, batch_size, max_length)
     with task_manager(files) as manager:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=0, limit=limit,
