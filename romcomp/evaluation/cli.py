@@ -78,6 +78,11 @@ class EvalPlan:
     batch_size: int = 4
     dtype: str = "float32"
     plots: bool = True
+    mmlu_limit: int | None = None
+
+    def mmlu_questions(self) -> int | None:
+        """Test questions per MMLU subject: ``--mmlu-limit``, else ``--limit``, else all."""
+        return self.mmlu_limit if self.mmlu_limit is not None else self.limit
 
 
 def parse_tasks(spec: str) -> Tasks:
@@ -104,7 +109,7 @@ def parse_tasks(spec: str) -> Tasks:
 def plan(
     models: list[str], tasks: str, data_dir: Path | None, limit: int | None = None,
     ppl_windows: int | None = None, seq_len: int = 2048, threads: int | None = None,
-    batch_size: int = 4, dtype: str = "float32", plots: bool = True,
+    batch_size: int = 4, dtype: str = "float32", plots: bool = True, mmlu_limit: int | None = None,
 ) -> EvalPlan:  # fmt: skip
     """Validate everything and resolve the models; raises BadInputError/RomcompError before any load."""
     from calib.datasets import resolve_data_dir
@@ -116,6 +121,8 @@ def plan(
 
     sel = parse_tasks(tasks)
     _check_numbers(models, limit, ppl_windows, seq_len, threads, batch_size, dtype)
+    if mmlu_limit is not None and mmlu_limit < 1:
+        raise BadInputError(f"--mmlu-limit must be >= 1, got {mmlu_limit}")
     root = resolve_data_dir(data_dir)
     needs_data = sel.ppl or sel.zeroshot or sel.mmlu
     if needs_data and (root is None or not root.is_dir()):
@@ -133,7 +140,7 @@ def plan(
     resolved = [resolve_model(spec) for spec in models]
     root = root or Path(".")
     return EvalPlan(
-        resolved, sel, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots
+        resolved, sel, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots, mmlu_limit
     )
 
 
@@ -160,6 +167,7 @@ def settings(p: EvalPlan) -> dict[str, Any]:
     return {
         "tasks": t.names(), "ppl_tasks": t.ppl, "zeroshot_tasks": t.zeroshot, "limit": p.limit,
         "ppl_windows": p.ppl_windows if p.ppl_windows is not None else p.limit,
+        "mmlu_limit": p.mmlu_questions() if t.mmlu else None,
         "seq_len": p.seq_len, "threads": p.threads, "batch_size": p.batch_size, "dtype": p.dtype,
         "num_fewshot": {"zeroshot": 0, "mmlu": 5}, "seeds": SEEDS, "data_dir": str(p.data_dir),
         "harness": f"lm-eval {LM_EVAL_VERSION}" if (t.zeroshot or t.mmlu) else None,
@@ -259,7 +267,7 @@ def _harness_tasks(p: EvalPlan, model: Any, tokenizer: Any, entry: dict[str, Any
             for r in results
         }  # fmt: skip
     if p.tasks.mmlu:
-        entry["mmlu"] = run_mmlu(lm, p.data_dir, p.limit)[0].to_dict()
+        entry["mmlu"] = run_mmlu(lm, p.data_dir, p.mmlu_questions())[0].to_dict()
 
 
 def run(p: EvalPlan, json_path: Path, report_path: Path | None) -> dict[str, Any]:
@@ -313,6 +321,9 @@ def eval_command(
     ppl_windows: Annotated[
         int | None, typer.Option(help="Perplexity windows per set (default: all, or --limit).")
     ] = None,
+    mmlu_limit: Annotated[
+        int | None, typer.Option(help="MMLU test questions per subject (default: all, or --limit).")
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity window length (tokens).")] = 2048,
     report: Annotated[Path | None, typer.Option(help="Markdown report path (also printed).")] = None,
     json_path: Annotated[
@@ -333,7 +344,9 @@ def eval_command(
     """Perplexity, zero-shot/MMLU accuracy via lm-eval, size, memory and speed, as JSON + markdown."""
     from romcomp.evaluation.report import to_markdown
 
-    p = plan(models, tasks, data_dir, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots)
+    p = plan(
+        models, tasks, data_dir, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots, mmlu_limit
+    )
     doc = run(p, json_path, report)
     typer.echo(to_markdown(doc))
 

@@ -87,7 +87,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def is_partial(report: dict[str, Any]) -> bool:
     """True when a number covers fewer examples or windows than its whole data set (``--limit``)."""
-    if report["settings"].get("limit") is not None:
+    if report["settings"].get("limit") is not None or report["settings"].get("mmlu_limit") is not None:
         return True
     for model in report["models"]:
         if any(e["windows"] < e["windows_available"] for e in model.get("perplexity", {}).values()):
@@ -253,6 +253,8 @@ def _partial_reason(settings: dict[str, Any]) -> str:
         parts.append(f"--limit {settings['limit']}: first {settings['limit']} examples per task")
     if settings.get("ppl_windows") is not None and settings.get("ppl_tasks", True):
         parts.append(f"first {settings['ppl_windows']} perplexity windows per set")
+    if settings.get("mmlu_limit") is not None:
+        parts.append(f"first {settings['mmlu_limit']} MMLU questions per subject")
     return "; ".join(parts)
 
 
