@@ -118,6 +118,10 @@ def run(cfg: CompressConfig) -> CompressResult:
         raise BadInputError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
     ckpt = LazyCheckpoint(source.path)
     shell = build_shell(hf_config)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    ckpt.verify(
+        {n: tuple(t.shape) for n, t in shell.state_dict().items()}, {"lm_head.weight"} if tied else set()
+    )
     n_blocks = hf_config.num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
     ranks = _ranks(cfg, shapes)
@@ -157,7 +161,6 @@ def run(cfg: CompressConfig) -> CompressResult:
         resumed = len(manifest.blocks_done)
         times = _stream_blocks(engine, output, manifest, windows, mem, n_blocks, cfg.progress)
         if manifest.status != "complete":
-            tied = bool(getattr(hf_config, "tie_word_embeddings", False))
             output.write_shard(n_blocks, engine.top_level_tensors(tied))
             output.finalize(
                 _output_config(hf_config, arch, cfg, ranks, calib_desc, source.description),

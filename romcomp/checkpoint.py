@@ -22,6 +22,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+"""safetensors dtype names romcomp reads (quantized/int checkpoints need dequantizing first)."""
+
+
 class LazyCheckpoint:
     """Tensor name → shard file map from the index (or the single file), read on demand."""
 
@@ -75,6 +79,41 @@ class LazyCheckpoint:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RomcompError(f"tensor '{name}' in {self.directory / shard} contains NaN or Inf")
         return tensor
+
+    def verify(self, expected: dict[str, tuple[int, ...]], optional: set[str] = frozenset()) -> None:
+        """Check every shard header against the model's parameters before any expensive work.
+
+        Reads headers only (no tensor data): a truncated or corrupt shard, an index entry pointing at a
+        shard that lacks the tensor, a parameter missing from the index, a non-float dtype or a shape
+        that disagrees with ``config.json`` each end in one error naming the tensor and file. NaN/Inf
+        need the data and are caught when each block is read (:meth:`get`).
+        """
+        missing = [n for n in expected if n not in self.weight_map and n not in optional]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            where = self.directory
+            raise RomcompError(f"tensor '{missing[0]}'{more} is missing from the checkpoint in {where}")
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        for shard, names in sorted(by_shard.items()):
+            path = self.directory / shard
+            with self._open(shard) as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise RomcompError(f"index maps tensor '{name}' to {path}, which does not contain it")
+                    if name in expected:
+                        self._check_tensor(f.get_slice(name), name, path, expected[name])
+
+    @staticmethod
+    def _check_tensor(view: object, name: str, path: Path, shape: tuple[int, ...]) -> None:
+        dtype = view.get_dtype()  # type: ignore[attr-defined]
+        if dtype not in FLOAT_DTYPES:
+            raise RomcompError(f"tensor '{name}' in {path} has dtype {dtype}; expected one of {FLOAT_DTYPES}")
+        found = tuple(view.get_shape())  # type: ignore[attr-defined]
+        if found != tuple(shape):
+            raise RomcompError(f"tensor '{name}' in {path} has shape {found}; config.json implies {shape}")
 
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self.get(n) for n in names}

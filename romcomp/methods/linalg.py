@@ -39,6 +39,8 @@ def top_output_subspace(weight: torch.Tensor, sigma: torch.Tensor, k: int) -> tu
     evals, evecs = torch.linalg.eigh(m.T @ m)
     evals, evecs = evals[-k:].flip(0), evecs[:, -k:].flip(1)
     scale = evals.clamp_min(0).sqrt()
+    # only exact/underflowing zeros need guarding: round-off-sized directions still give finite, orthonormal
+    # columns (M u_i ⟂ M u_j), whereas dividing by ~0 would not
     tiny = scale <= scale.max().clamp_min(1e-300) * 1e-12
     if tiny.any():
         notes.append(f"{int(tiny.sum())} of {k} output directions carry no variance (zeroed)")
