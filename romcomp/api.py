@@ -143,6 +143,12 @@ def run(cfg: CompressConfig) -> CompressResult:
             calibration=calib_desc,
             ranks=ranks,
             threads=torch.get_num_threads(),
+            plan={
+                "budget": mem.budget,
+                "estimate": mem.estimate,
+                "batch_size": mem.batch_size,
+                "activations_in_ram": mem.activations_in_ram,
+            },  # fmt: skip
         ),
         cfg.overwrite,
     )
@@ -239,12 +245,16 @@ def _stream_blocks(engine: Engine, output: OutputDir, manifest: Manifest, window
         t0 = time.perf_counter()
         output.write_shard(index, engine.block_tensors(index, block))
         sink.commit()
+        bt.write = time.perf_counter() - t0
         manifest.blocks_done.append(index)
         if notes:
             manifest.notes[str(index)] = notes
+        manifest.block_times[str(index)] = {
+            "forward": round(bt.forward, 3), "decompose": round(bt.decompose, 3), "write": round(bt.write, 3),
+            "rss_before_free": psutil.Process().memory_info().rss,
+        }  # fmt: skip
         output.save_manifest(manifest)
         os.remove(source.path)
-        bt.write = time.perf_counter() - t0
         times[index] = bt
         del block
         source.release()

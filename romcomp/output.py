@@ -82,6 +82,8 @@ class Manifest:
     status: str = "running"
     notes: dict[str, list[str]] = field(default_factory=dict)
     threads: int = 0
+    plan: dict = field(default_factory=dict)  # the memory plan of the run that started the output
+    block_times: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds per phase, RSS after
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -1,0 +1,151 @@
+"""Scale benchmark: romcomp on random-weight Llama-2-7B / 13B-shaped checkpoints under a hard RAM cap.
+
+Usage (from the repository root; fixtures from ``tools/make_scale_fixture.py``)::
+
+    python tools/bench_scale.py --model /tmp/scale/llama2-7b --max-ram 12GB --n-samples 8 --blocks 4
+    python tools/bench_scale.py --model /tmp/scale/llama2-13b --max-ram 16GB --n-samples 8 --blocks 2
+
+Runs the ``romcomp`` CLI as a child process, samples its RSS every 0.2 s, and stops it with SIGKILL after
+``--blocks`` blocks (0 = run to completion) — the kill doubles as a resume point for a later run. Reports
+the planned peak (from the manifest), the child's measured high-water mark (``wait4`` ``ru_maxrss``: resident
+anonymous memory plus file pages mapped while resident, i.e. the mmap'ed safetensors pages being read
+count; page cache of files read with ``read()``/written with ``write()`` does not), RSS after every block
+(flatness), seconds per block split into forward+covariance / decomposition / write, and the projected
+time of a full run at the standard 128 x 512 calibration (forward+covariance scale with tokens,
+decomposition does not). The random weights test memory and speed, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STANDARD_TOKENS = 128 * 512
+PHASES = ("forward", "decompose", "write")
+
+
+def sample_rss(pid: int, samples: list[int], stop: threading.Event) -> None:
+    """VmRSS of ``pid`` every 0.2 s until ``stop`` (the child's RSS curve, for flatness)."""
+    status = Path(f"/proc/{pid}/status")
+    while not stop.is_set():
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    samples.append(int(line.split()[1]) * 1024)
+        except OSError:
+            return
+        stop.wait(0.2)
+
+
+def manifest(out: Path) -> dict[str, Any]:
+    path = out / ".romcomp" / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "romcomp.cli", str(args.model), "--ratio", str(args.ratio), "--out",
+           str(args.out), "--max-ram", args.max_ram, "--n-samples", str(args.n_samples), "--seq-len",
+           str(args.seq_len), "--no-progress", "--overwrite"]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    log = open(args.out.parent / f"{args.out.name}.log", "w")  # noqa: SIM115 - closed below
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    samples: list[int] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_rss, args=(proc.pid, samples, stop), daemon=True)
+    sampler.start()
+    killed = False
+    while proc.poll() is None:
+        done = len(manifest(args.out).get("blocks_done", []))
+        if args.blocks and done >= args.blocks:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.5)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    log.close()
+    code = os.waitstatus_to_exitcode(status)
+    if not killed and code != 0:
+        sys.exit(f"romcomp exited {code}; see {log.name}")
+    return {"cmd": cmd, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "rss_samples": samples,
+            "killed": killed, "manifest": manifest(args.out)}  # fmt: skip
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    m = result["manifest"]
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    n_blocks = config["num_hidden_layers"]
+    times = [m["block_times"][k] for k in sorted(m.get("block_times", {}), key=int)]
+    if not times:
+        sys.exit("no block finished; nothing to report")
+    steady = times[1:] or times  # block 0 also pays for first-touch allocations
+    mean = {k: sum(t[k] for t in steady) / len(steady) for k in PHASES}
+    tokens = args.n_samples * args.seq_len
+    per_block_std = mean["forward"] * STANDARD_TOKENS / tokens + mean["decompose"] + mean["write"]
+    plan = m.get("plan", {})
+    in_ram = plan.get("activations_in_ram")
+    print(f"| model | {args.model} ({n_blocks} blocks, hidden {config['hidden_size']}, "
+          f"intermediate {config['intermediate_size']}) |")  # fmt: skip
+    print("|---|---|")
+    rows = [
+        ("budget (--max-ram)", args.max_ram),
+        ("calibration", f"{args.n_samples} x {args.seq_len} tokens (c4)"),
+        ("blocks run", f"{len(times)} of {n_blocks}" + (" (then SIGKILL)" if result["killed"] else "")),
+        ("planned peak", f"{gib(plan.get('estimate', 0))}, activations in RAM: {in_ram}"),
+        ("measured peak RSS (ru_maxrss)", gib(result["peak_rss"])),
+        ("RSS after each block", ", ".join(f"{t['rss_before_free'] / 2**30:.2f}" for t in times) + " GiB"),
+        ("s/block fwd+cov / decomp / write", " / ".join(f"{mean[k]:.1f}" for k in PHASES)),
+        ("wall time (incl. start-up)", f"{result['seconds']:.0f} s"),
+        ("projected full run, this calibration",
+         f"{n_blocks * sum(mean.values()) / 60:.0f} min"),
+        ("projected full run, 128 x 512", f"{n_blocks * per_block_std / 3600:.1f} h"),
+    ]  # fmt: skip
+    for label, value in rows:
+        print(f"| {label} | {value} |")
+    under = result["peak_rss"] <= (plan.get("budget") or float("inf"))
+    print(f"\npeak within the cap: {under}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {platform.platform()}")
+    print(f"command: python tools/bench_scale.py {shlex.join(sys.argv[1:])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--max-ram", default="12GB")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--n-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--blocks", type=int, default=0, help="SIGKILL after this many blocks (0: all)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    args.out = args.out or args.model.parent / f"{args.model.name}-r{args.ratio}"
+    result = run(args)
+    report(args, result)
+    (args.out.parent / f"{args.out.name}-bench.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
