@@ -21,7 +21,7 @@ from romcomp.config import CompressConfig
 from romcomp.engine import BlockTimes, Engine, build_shell
 from romcomp.errors import BadInputError
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
-from romcomp.methods import get_method
+from romcomp.methods import get_method, get_output_method
 from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
 from romcomp.ranks import LinearShape, allocate_uniform, linear_params
 
@@ -158,6 +158,7 @@ def run(cfg: CompressConfig) -> CompressResult:
             arch=arch,
             ckpt=ckpt,
             method=get_method(cfg.method),
+            output_method=get_output_method(cfg.method),
             ranks=ranks,
             out_dtype=ckpt.get(f"{arch.block_prefix(0)}{arch.linears[0]}.weight").dtype,
             batch_size=mem.batch_size,

@@ -1,6 +1,8 @@
 """Statistics collection: forward pre-hooks, owned by a context manager, that accumulate input moments.
 
-Linears that share an input (q/k/v, gate/up) share one accumulator, hooked on the first of the group.
+Linears that share an input (q/k/v, gate/up) share one accumulator, hooked on the first of the group. A
+linear whose output is narrower than its input (down_proj) can instead have its *outputs* accumulated
+(:func:`collect_output_stats`), which is cheaper and is all an output-space method such as ROM needs.
 Precision per step: each chunk of at most ``CHUNK`` tokens is multiplied in float32 (2-3x faster than
 float64 here; the relative error of a 4096-term float32 dot product, ~1e-6, is three orders of magnitude
 below the sampling noise of a 65k-token covariance), and the chunks are summed into float64 accumulators
@@ -43,6 +45,26 @@ def collect_input_stats(block: nn.Module, groups: Sequence[Sequence[str]]) -> It
             accumulate(acc, args[0].detach())
 
         handles.append(leader.register_forward_pre_hook(hook))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def collect_output_stats(block: nn.Module, names: Sequence[str]) -> Iterator[dict[str, InputStats]]:
+    """Yield ``{linear name: stats of its outputs}`` filled by every forward of ``block`` in the context."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for name in names:
+        linear = block.get_submodule(name)
+        stats[name] = InputStats.zeros(linear.out_features)
+
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor, acc: InputStats = stats[name]) -> None:
+            accumulate(acc, out.detach())
+
+        handles.append(linear.register_forward_hook(hook))
     try:
         yield stats
     finally:

@@ -107,3 +107,25 @@ def test_uniform_rank_formula_and_dense_rule():
         if s.name in ranks:
             f = get_method("svd")(torch.randn(s.d_out, s.d_in), None, InputStats.zeros(s.d_in), ranks[s.name])
             assert f.down.shape == (ranks[s.name], s.d_in) and f.up.shape == (s.d_out, ranks[s.name])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_statistics_give_the_input_route_factors(bias):
+    """ROM from the outputs' second moment (used when d_out < d_in) equals ROM from the inputs' (W̃ Σ̃ W̃ᵀ)."""
+    torch.manual_seed(3)
+    d_in, d_out, k = 48, 20, 7
+    w = torch.randn(d_out, d_in)
+    b = torch.randn(d_out) if bias else None
+    x = torch.randn(3000, d_in) @ torch.randn(d_in, d_in) / 5 + 0.3
+    y = x @ w.T + (b if b is not None else 0)
+    in_stats, out_stats = InputStats.zeros(d_in), InputStats.zeros(d_out)
+    accumulate(in_stats, x)
+    accumulate(out_stats, y)
+    from romcomp.methods import get_output_method
+
+    via_inputs = get_method("rom")(w, b, in_stats, k)
+    via_outputs = get_output_method("rom")(w, b, out_stats, k)
+    torch.testing.assert_close(via_outputs.dense(), via_inputs.dense(), rtol=1e-4, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(via_outputs.bias, via_inputs.bias, rtol=1e-4, atol=1e-4)
+    assert get_output_method("svd") is None  # SVD works on W alone: no output variant

@@ -17,14 +17,17 @@ Usage (from the repository root; the C4 sample is read from ``../shared/data`` o
 Where the kills land. Python start-up (importing torch and transformers) is most of a tiny model's wall
 time and nothing is written during it, so by default a kill is timed from the moment the run creates its
 manifest (its first durable write): the delay is uniform in [0.05, 0.95] x the reference run's span from
-manifest to exit. ``--anchor start`` instead draws from [0.05, 0.95] x the reference's whole wall time,
-counted from process start. Besides the random kills there are event kills, fired the moment a file
-appears: the manifest (very early, block 0's calibration inputs), a middle block's shard ``.tmp`` (inside a
-shard write), the top-level shard and the index (finalizing). A run that finishes before its kill is not
-counted: it is reported, compared (a free determinism check) and retried at a new time. The phase column
-is read from the output directory after the kill: the manifest's finished blocks and which shards,
-``.tmp`` files, index and config.json this process had written. With ``--chain K`` a rerun is killed
-again, up to K kills per output, before the final rerun to completion.
+that moment to its last write (the manifest marked complete). ``--anchor start`` instead draws from
+[0.05, 0.95] x the reference's whole wall time, counted from process start. Besides the random kills
+there are event kills, fired the moment a file appears: the manifest (very early: block 0's calibration
+inputs), a middle block's shard ``.tmp`` (inside a shard write), the index and the top-level shard
+(finalizing). Every kill is followed by a rerun of the same command, repeated until the output is
+complete. A run that finishes before its kill is not counted: it is reported, compared (a free
+determinism check) and retried at a new time. The phase column is read from the output directory after
+the kill: the manifest's finished blocks and which shards, ``.tmp`` files, index and config.json this
+process had written. With ``--chain K`` a rerun is killed again, up to K kills per output, before the
+final rerun to completion; a rerun's kill is timed from the moment it holds the output's lock (read,
+never taken, from ``/proc/locks``), since its manifest exists from the start.
 
 The romcomp and calib packages are copied into the work directory before the first run (``--live``
 runs the checkout itself), so that edits made to the repository while the benchmark runs cannot make
@@ -55,6 +58,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK = ".romcomp"
 MANIFEST = f"{WORK}/manifest.json"
+LOCK = f"{WORK}/lock"
+LOCK_HELD = "<output lock held>"  # a trigger anchor: the run has opened its output (resumed runs)
 INDEX = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 POLL_S = 0.001  # how often a waiting kill looks at the output directory
@@ -154,13 +159,35 @@ def fresh(path: Path, since: float) -> bool:
         return False
 
 
-def phase(out: Path, n_blocks: int, since: float) -> str:
-    """Where a run was when it died, read from the files it left (``since``: its wall-clock start)."""
+def holds_lock(pid: int, out: Path) -> bool | None:
+    """Whether ``pid`` holds the output's flock, from ``/proc/locks`` (None where that is unreadable).
+
+    Read-only on purpose: trying the lock ourselves could make the run see a competitor and refuse.
+    """
+    try:
+        inode, text = (out / LOCK).stat().st_ino, Path("/proc/locks").read_text()
+    except FileNotFoundError:
+        return False if Path("/proc/locks").exists() else None
+    except OSError:
+        return None
+    for line in text.splitlines():  # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        f = line.split()
+        if len(f) >= 6 and "->" not in f and f[1] == "FLOCK" and f[4] == str(pid):
+            if f[5].rsplit(":", 1)[-1] == str(inode):
+                return True
+    return False
+
+
+def phase(out: Path, n_blocks: int, since: float, locked: bool | None) -> str:
+    """Where a run was when it died, read from the files it left (``since``: its wall-clock start;
+    ``locked``: whether it held the output lock then, None if unknown)."""
     manifest = read_manifest(out)
     if manifest is None:
         return "startup (no manifest yet)"
     if manifest.get("status") == "complete":
         return "exiting (manifest marked complete)"
+    if locked is False:
+        return "startup (resumed run, output not opened yet)"
 
     def first_new(candidates: tuple[tuple[str, str], ...]) -> str | None:
         return next((label for name, label in candidates if fresh(out / name, since)), None)
@@ -248,11 +275,17 @@ class Timeline:
     top_shard: float | None = None
     index: float | None = None
     config: float | None = None
+    complete: float | None = None  # the manifest marked complete: the run's last write
 
     @property
     def active(self) -> float:
-        """From the first durable write to exit: the span where a kill can leave something behind."""
-        return self.wall - (self.manifest or 0.0)
+        """From the first durable write to the last: the span where a kill can leave something behind."""
+        return self.remaining(0)
+
+    def remaining(self, blocks_done: int) -> float:
+        """The reference's time from ``blocks_done`` finished blocks to its last write."""
+        start = self.blocks[blocks_done - 1] if 0 < blocks_done <= len(self.blocks) else self.manifest
+        return (self.complete or self.wall) - (start or 0.0)
 
 
 def reference_run(cmd: list[str], env: dict[str, str], out: Path) -> Timeline:
@@ -270,8 +303,10 @@ def reference_run(cmd: list[str], env: dict[str, str], out: Path) -> Timeline:
                 mtime = 0
             if mtime and mtime != seen_mtime:
                 seen_mtime, tl.manifest = mtime, tl.manifest if tl.manifest is not None else now
-                done = len((read_manifest(out) or {}).get("blocks_done", []))
-                tl.blocks += [now] * (done - len(tl.blocks))
+                manifest = read_manifest(out) or {}
+                tl.blocks += [now] * (len(manifest.get("blocks_done", [])) - len(tl.blocks))
+                if tl.complete is None and manifest.get("status") == "complete":
+                    tl.complete = now
             for attr, name in (("index", INDEX), ("config", "config.json")):
                 if getattr(tl, attr) is None and (out / name).exists():
                     setattr(tl, attr, now)
@@ -305,6 +340,12 @@ class Attempt:
     error: str = ""
 
 
+def anchor_reached(anchor: str, pid: int, out: Path) -> bool:
+    if anchor == LOCK_HELD:
+        return bool(holds_lock(pid, out))
+    return (out / anchor).exists()
+
+
 def start_and_kill(cmd: list[str], env: dict[str, str], out: Path, trig: Trigger, n_blocks: int) -> Attempt:
     """Start the command, SIGKILL it when the trigger fires, and say where it was."""
     err = out.with_name(out.name + ".stderr")
@@ -312,12 +353,13 @@ def start_and_kill(cmd: list[str], env: dict[str, str], out: Path, trig: Trigger
     with open(err, "wb") as fe:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=fe)
         anchored = t0 if trig.anchor is None else None
-        t_kill = None
+        t_kill, locked = None, None
         while proc.poll() is None:
             now = time.perf_counter()
-            if anchored is None and (out / trig.anchor).exists():
+            if anchored is None and anchor_reached(trig.anchor, proc.pid, out):
                 anchored = now
             if anchored is not None and now >= anchored + trig.delay:
+                locked = holds_lock(proc.pid, out)
                 os.kill(proc.pid, signal.SIGKILL)
                 t_kill = now - t0
                 break
@@ -325,7 +367,7 @@ def start_and_kill(cmd: list[str], env: dict[str, str], out: Path, trig: Trigger
             time.sleep(max(wait, 0.0))
         proc.wait()
     if proc.returncode == -signal.SIGKILL:
-        return Attempt(t_kill, proc.returncode, phase(out, n_blocks, since))
+        return Attempt(t_kill, proc.returncode, phase(out, n_blocks, since, locked))
     if proc.returncode == 0:
         return Attempt(None, 0, "finished before kill (not counted)")
     tail = (err.read_text(errors="replace").strip().splitlines() or ["(no stderr)"])[-1]
@@ -378,19 +420,25 @@ class Loop:
     outputs: list[bool] = field(default_factory=list)  # one per round: final output identical?
     side_checks: list[bool] = field(default_factory=list)  # runs that finished before their kill
 
-    def random_trigger(self, resumed: bool = False) -> Trigger:
+    def random_trigger(self, resumed_from: int | None = None) -> Trigger:
+        """A random kill time; for a rerun (``resumed_from`` blocks done) within the work it has left."""
         u = self.rng.uniform(0.05, 0.95)
         tl = self.timeline
         if self.args.anchor == "start":
             return Trigger(f"random {u:.2f} x wall", None, u * tl.wall)
-        if resumed:  # the manifest already exists: time from start, past the reference's start-up
-            return Trigger(f"random {u:.2f} x span", None, (tl.manifest or 0.0) + u * tl.active)
-        return Trigger(f"random {u:.2f} x span", MANIFEST, u * tl.active)
+        if resumed_from is None:
+            return Trigger(f"random {u:.2f} x span", MANIFEST, u * tl.active)
+        span = tl.remaining(resumed_from)
+        if Path("/proc/locks").exists():  # the manifest is there already: time from taking the lock
+            return Trigger(f"random {u:.2f} x rest", LOCK_HELD, u * span)
+        return Trigger(f"random {u:.2f} x rest", None, (tl.manifest or 0.0) + u * span)  # past start-up
 
-    def finish(self) -> bool:
-        """Rerun to completion (up to ``--max-reruns`` times), compare, and fill in the last row."""
+    def finish(self, min_reruns: int = 1) -> bool:
+        """Rerun to completion (at least ``min_reruns``, at most ``--max-reruns`` times), compare, and
+        fill in the last row. A kill is always followed by a rerun, even when the output already looks
+        finished: the user's next step after a kill is to run the same command again."""
         row, reruns, resumed, error = self.rows[-1], 0, 0, ""
-        while reruns < self.args.max_reruns and not is_finished(self.out):
+        while reruns < self.args.max_reruns and (reruns < min_reruns or not is_finished(self.out)):
             reruns += 1
             rc, blocks, error = rerun(self.cmd, self.env, 10 * self.timeline.wall + 60)
             resumed = blocks if rc == 0 else resumed
@@ -420,7 +468,7 @@ class Loop:
             misses += 1
             log(f"  {trig.label}: {att.phase} {att.error}")
             self.rows.append(Row(0, round_no, trig.label, None, att.phase, detail=att.error))
-            self.side_checks.append(self.finish())
+            self.side_checks.append(self.finish(min_reruns=0))
             if misses >= MAX_MISSES:
                 raise SystemExit(f"bench: {misses} runs in a row ended before their kill; giving up")
             trig = trig if trig.event and misses < 3 else self.random_trigger()
@@ -428,9 +476,12 @@ class Loop:
     def chained_kills(self, round_no: int, count: int) -> None:
         """Kill reruns of the same output ``count`` more times; a rerun that finishes ends the chain."""
         for _ in range(count):
-            trig = self.random_trigger(resumed=True)
+            manifest = read_manifest(self.out) or {}
+            if manifest.get("status") == "complete":
+                return  # nothing left to interrupt; the final rerun follows
+            trig = self.random_trigger(resumed_from=len(manifest.get("blocks_done", [])))
             att = start_and_kill(self.cmd, self.env, self.out, trig, self.n_blocks)
-            if att.t_kill is None:
+            if att.t_kill is None:  # the final rerun below still runs the command once more
                 self.rows.append(Row(0, round_no, "chained " + trig.label, None, att.phase, detail=att.error))
                 return
             self.add_kill(round_no, Trigger("chained " + trig.label, None, 0.0), att)
@@ -517,7 +568,8 @@ def timeline_line(tl: Timeline) -> str:
     blocks = ", ".join(f"{t:.2f}" for t in tl.blocks)
     return (
         f"{tl.wall:.2f} s wall; manifest at {fmt(tl.manifest)} s; blocks done at {blocks} s; "
-        f"top-level shard {fmt(tl.top_shard)} s, index {fmt(tl.index)} s, config.json {fmt(tl.config)} s"
+        f"top-level shard {fmt(tl.top_shard)} s, index {fmt(tl.index)} s, config.json {fmt(tl.config)} s, "
+        f"manifest complete {fmt(tl.complete)} s"
     )
 
 

@@ -18,6 +18,15 @@ METHODS: dict[str, Decompose] = {
 }
 
 
+OUTPUT_METHODS: dict[str, Decompose] = {"rom": rom.decompose_outputs}
+"""Methods that can work from the second moment of a linear's outputs (cheaper when d_out < d_in)."""
+
+
+def get_output_method(name: str) -> Decompose | None:
+    """The output-statistics variant of a method, or None when it needs input statistics."""
+    return OUTPUT_METHODS.get(name)
+
+
 def get_method(name: str) -> Decompose:
     """Look a method up by name; unknown names are bad input."""
     try:
@@ -26,4 +35,4 @@ def get_method(name: str) -> Decompose:
         raise BadInputError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Factors", "InputStats", "get_method"]
+__all__ = ["METHODS", "OUTPUT_METHODS", "Factors", "InputStats", "get_method", "get_output_method"]

@@ -5,6 +5,10 @@ For ``y = W x + b`` the outputs' second moment is ``C = W̃ Σ̃ W̃ᵀ`` with t
 ``C`` the layer becomes ``V_k (V_kᵀ W) x + V_k V_kᵀ b``: the rank-k map that minimizes the expected squared
 output error on the calibration distribution.
 
+When ``d_out`` is smaller than ``d_in`` (``down_proj``: 4096 outputs of 11008 inputs in Llama-2-7B), the
+engine instead accumulates ``C`` directly from the layer's outputs (:func:`decompose_outputs`): a d_out²
+accumulator instead of d_in², and no ``W Σ Wᵀ`` product — the same subspace, 7x less covariance work there.
+
 We do not mean-centre: the uncentred second moment makes the projection reproduce the outputs' mean too,
 which a centred PCA would lose unless a bias were added to layers that have none (Llama has none).
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from romcomp.methods.base import Factors, InputStats
-from romcomp.methods.linalg import top_output_subspace
+from romcomp.methods.linalg import top_eigvecs, top_output_subspace
 
 
 def augmented(
@@ -44,4 +48,22 @@ def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats
         up=basis.float().contiguous(),
         bias=None if new_bias is None else new_bias.float(),
         notes=notes,
+    )
+
+
+def decompose_outputs(
+    weight: torch.Tensor, bias: torch.Tensor | None, out_stats: InputStats, rank: int
+) -> Factors:
+    """Rank-``rank`` ROM factors from the second moment of the layer's *outputs* ``y = W x + b``.
+
+    ``out_stats`` holds ``Σ y yᵀ`` over the calibration tokens, i.e. exactly ``W̃ Σ̃ W̃ᵀ`` (bias included),
+    so the factors equal :func:`decompose`'s up to round-off and the sign of each basis vector.
+    """
+    basis = top_eigvecs(out_stats.second_moment, rank)
+    down = basis.T @ weight.double()
+    new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
+    return Factors(
+        down=down.float().contiguous(),
+        up=basis.float().contiguous(),
+        bias=None if new_bias is None else new_bias.float(),
     )
