@@ -159,6 +159,7 @@ def run(cfg: CompressConfig) -> CompressResult:
             ckpt=ckpt,
             method=get_method(cfg.method),
             output_method=get_output_method(cfg.method),
+            compute_dtype=getattr(torch, cfg.compute_dtype),
             ranks=ranks,
             out_dtype=ckpt.get(f"{arch.block_prefix(0)}{arch.linears[0]}.weight").dtype,
             batch_size=mem.batch_size,

@@ -59,6 +59,13 @@ def compress(
         str, typer.Option(help="Calibrate each block on the 'compressed' or the 'dense' model's activations.")
     ] = "compressed",
     sequential: Annotated[bool, typer.Option(help="Fit a block's linear groups one after another.")] = False,
+    compute_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Calibration forwards in float32 or bfloat16 (autocast; ~4x matmul speed "
+            "on AVX-512-BF16 CPUs). Statistics and decompositions stay float32/float64."
+        ),
+    ] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Discard a previous romcomp output in --out and start over.")
@@ -80,7 +87,7 @@ def compress(
     cfg = CompressConfig(
         model=model, ratio=ratio, out=out, max_ram=max_ram, method=method, calib=calib, n_samples=n_samples,
         seq_len=seq_len, seed=seed, data_dir=data_dir, calib_stream=calib_stream, sequential=sequential,
-        threads=threads, overwrite=overwrite, progress=progress,
+        threads=threads, overwrite=overwrite, progress=progress, compute_dtype=compute_dtype,
     )  # fmt: skip
     result = romcomp.api.run(cfg)
     typer.echo(summary(result))

@@ -11,6 +11,7 @@ from romcomp.memory import parse_size
 from romcomp.methods import get_method
 
 CALIB_STREAMS = ("compressed", "dense")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class CompressConfig:
     data_dir: Path | None = None
     calib_stream: str = "compressed"
     sequential: bool = False
+    compute_dtype: str = "float32"  # calibration forwards; statistics and decompositions stay float32/64
     threads: int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -46,6 +48,10 @@ class CompressConfig:
         if self.calib_stream not in CALIB_STREAMS:
             raise BadInputError(
                 f"--calib-stream must be one of {', '.join(CALIB_STREAMS)}, got {self.calib_stream}"
+            )
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise BadInputError(
+                f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype}"
             )
         for name in ("n_samples", "seq_len"):
             if getattr(self, name) < 1:

@@ -53,6 +53,7 @@ class Engine:
     calib_stream: str = "compressed"
     sequential: bool = False
     output_method: Decompose | None = None  # the method's output-statistics variant, if it has one
+    compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
     block_kwargs: dict[int, dict] = field(default_factory=dict)
 
     @property
@@ -127,14 +128,20 @@ class Engine:
         return block
 
     def forward(self, block: nn.Module, source: Boundary, sink: Boundary | None) -> None:
-        with torch.inference_mode():
+        """Run the calibration windows through ``block``; outputs (float32) go to ``sink`` when given.
+
+        With a bfloat16 compute dtype, autocast runs the matmuls in bfloat16 (weights and activations
+        rounded per op) while boundaries, norms' accumulations and the statistics stay float32.
+        """
+        low = self.compute_dtype != torch.float32
+        with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
             for start, stop in self.batches(source.shape[0]):
                 out = block(source.read(start, stop), **self.block_kwargs[stop - start])
                 out = out[0] if isinstance(out, tuple) else out
                 if not torch.isfinite(out).all():
                     raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
                 if sink is not None:
-                    sink.write(start, out)
+                    sink.write(start, out.float())
 
     def compress_block(
         self, index: int, source: Boundary, sink: Boundary

@@ -78,6 +78,7 @@ def freeze_code(dst: Path) -> Path:
     """Copy the packages a run imports, so that concurrent edits of the checkout cannot leak in."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for pkg in ("romcomp", "calib"):
+        shutil.rmtree(dst / pkg, ignore_errors=True)
         shutil.copytree(REPO_ROOT / pkg, dst / pkg, ignore=ignore)
     return dst
 
@@ -648,7 +649,7 @@ def determinism_check(loop: Loop) -> str:
         return f"an uninterrupted second run failed: {error}"
     diff = differences(loop.ref, digest(loop.out))
     shutil.rmtree(loop.out, ignore_errors=True)
-    return "identical to the reference" if not diff else "ALSO differs: " + "; ".join(diff)
+    return "identical to the reference" if not diff else "it differs too (" + "; ".join(diff) + ")"
 
 
 def main() -> None:
@@ -667,6 +668,8 @@ def main() -> None:
             model = str(build_tiny_model(work / "tiny-llama", args.layers, args.hidden, seed=0))
         env = child_env(code)
         ref_out, out = work / "reference", work / "run"
+        for stale in (ref_out, out):  # a reused --work-dir: start both outputs from nothing
+            shutil.rmtree(stale, ignore_errors=True)
         log(f"reference run: {shlex.join(compress_cmd(model, ref_out, args))}")
         tl = reference_run(compress_cmd(model, ref_out, args), env, ref_out)
         n_blocks = json.loads((ref_out / "config.json").read_text())["num_hidden_layers"]
