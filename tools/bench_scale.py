@@ -89,6 +89,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "killed": killed, "manifest": manifest(args.out)}  # fmt: skip
 
 
+def matmul_gflops(dtype: str = "float32", n: int = 4096, reps: int = 3) -> float:
+    """This machine's dense matmul speed (GFLOP/s), measured before the run starts (no contention)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    a @ a  # warm-up
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def block_flops(config: dict[str, Any], ratio: float, tokens: int) -> tuple[float, float]:
+    """(forward FLOPs, covariance FLOPs) of one block's calibration with the compressed stream.
+
+    Forwards: the dense block and then the compressed block (``(1 - ratio)`` of the linear parameters)
+    over every token, 2 FLOPs per parameter per token (attention scores omitted: small at 512 tokens).
+    Covariances: one d² product per token for each accumulator: the q/k/v, o and gate/up inputs (hidden
+    wide) and the down_proj outputs (hidden wide), counted as full products (2·d²).
+    """
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
+    params = 2 * h * h + 2 * h * kv + 3 * h * i
+    forward = 2 * params * tokens * (2 - ratio)
+    covariance = 4 * 2 * h * h * tokens
+    return forward, covariance
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -122,6 +150,11 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
          f"{n_blocks * sum(mean.values()) / 60:.0f} min"),
         ("projected full run, 128 x 512", f"{n_blocks * per_block_std / 3600:.1f} h"),
     ]  # fmt: skip
+    forward, covariance = block_flops(config, args.ratio, tokens)
+    achieved = (forward + covariance) / mean["forward"] / 1e9
+    peak = result["matmul_gflops"]
+    rows.append(("fwd+cov achieved (model FLOPs)", f"{achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
+                 f"measured {peak:.0f} GFLOP/s fp32 matmul"))  # fmt: skip
     for label, value in rows:
         print(f"| {label} | {value} |")
     under = result["peak_rss"] <= (plan.get("budget") or float("inf"))
@@ -142,7 +175,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.out = args.out or args.model.parent / f"{args.model.name}-r{args.ratio}"
+    gflops = matmul_gflops()
     result = run(args)
+    result["matmul_gflops"] = gflops
     report(args, result)
     (args.out.parent / f"{args.out.name}-bench.json").write_text(json.dumps(result, indent=2))
 
