@@ -85,11 +85,15 @@ def perplexity(
     seq_len: int = 512,
     max_windows: int | None = None,
     batch_size: int = 4,
+    progress: str | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over the first ``max_windows`` (default: all) full windows of ``ids``.
 
-    Runs in inference mode and in eval mode (restoring the previous train/eval state afterwards).
+    Runs in inference mode and in eval mode (restoring the previous train/eval state afterwards);
+    ``progress`` names a progress bar on stderr (none when None).
     """
+    from tqdm import tqdm
+
     windows = _windows(ids, seq_len, max_windows)
     if batch_size < 1:
         raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -99,9 +103,11 @@ def perplexity(
     model.eval()
     try:
         with torch.inference_mode():
+            bar = tqdm(total=windows.shape[0], desc=progress, unit="window", disable=progress is None)
             for batch in windows.split(batch_size):
-                batch = batch.to(device)
-                total_nll += _batch_nll(model, batch)
+                total_nll += _batch_nll(model, batch.to(device))
+                bar.update(batch.shape[0])
+            bar.close()
     finally:
         model.train(was_training)
     scored = windows.shape[0] * (seq_len - 1)

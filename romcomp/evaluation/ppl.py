@@ -111,7 +111,14 @@ def run_ppl(
     entries = []
     for name in datasets:
         ids = dataset_ids(name, tokenizer, data_dir)
-        result = perplexity(model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+        result = perplexity(
+            model,
+            ids,
+            seq_len=seq_len,
+            max_windows=max_windows,
+            batch_size=batch_size,
+            progress=f"ppl {name}",
+        )
         entries.append(
             PplEntry(
                 dataset=name, ppl=result.ppl, nll=result.nll, tokens_scored=result.tokens_scored,
