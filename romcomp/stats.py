@@ -11,11 +11,12 @@ so that nothing is lost over tens of thousands of tokens. ``tests/test_math.py``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from romcomp.methods.base import InputStats
 
@@ -33,40 +34,41 @@ def accumulate(stats: InputStats, x: torch.Tensor) -> None:
 
 
 @contextmanager
-def collect_input_stats(block: nn.Module, groups: Sequence[Sequence[str]]) -> Iterator[dict[str, InputStats]]:
-    """Yield ``{group leader name: InputStats}`` filled by every forward of ``block`` inside the context."""
-    stats: dict[str, InputStats] = {}
-    handles = []
-    for group in groups:
-        leader = block.get_submodule(group[0])
-        stats[group[0]] = InputStats.zeros(leader.in_features)
-
-        def hook(_module: nn.Module, args: tuple, acc: InputStats = stats[group[0]]) -> None:
-            accumulate(acc, args[0].detach())
-
-        handles.append(leader.register_forward_pre_hook(hook))
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def collect_output_stats(block: nn.Module, names: Sequence[str]) -> Iterator[dict[str, InputStats]]:
-    """Yield ``{linear name: stats of its outputs}`` filled by every forward of ``block`` in the context."""
+def _collect(
+    block: nn.Module, names: Sequence[str], width: Callable[[nn.Linear], int],
+    register: Callable[[nn.Linear, InputStats], RemovableHandle],
+) -> Iterator[dict[str, InputStats]]:  # fmt: skip
+    """One accumulator per named linear, fed by the hook ``register`` installs; hooks removed on exit."""
     stats: dict[str, InputStats] = {}
     handles = []
     for name in names:
         linear = block.get_submodule(name)
-        stats[name] = InputStats.zeros(linear.out_features)
-
-        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor, acc: InputStats = stats[name]) -> None:
-            accumulate(acc, out.detach())
-
-        handles.append(linear.register_forward_hook(hook))
+        stats[name] = InputStats.zeros(width(linear))
+        handles.append(register(linear, stats[name]))
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+def collect_input_stats(
+    block: nn.Module, groups: Sequence[Sequence[str]]
+) -> AbstractContextManager[dict[str, InputStats]]:
+    """``{group leader name: InputStats}`` filled by every forward of ``block`` inside the context."""
+
+    def register(linear: nn.Linear, acc: InputStats) -> RemovableHandle:
+        return linear.register_forward_pre_hook(lambda _m, args: accumulate(acc, args[0].detach()))
+
+    return _collect(block, [group[0] for group in groups], lambda linear: linear.in_features, register)
+
+
+def collect_output_stats(
+    block: nn.Module, names: Sequence[str]
+) -> AbstractContextManager[dict[str, InputStats]]:
+    """``{linear name: stats of its outputs}`` filled by every forward of ``block`` inside the context."""
+
+    def register(linear: nn.Linear, acc: InputStats) -> RemovableHandle:
+        return linear.register_forward_hook(lambda _m, _args, out: accumulate(acc, out.detach()))
+
+    return _collect(block, names, lambda linear: linear.out_features, register)
