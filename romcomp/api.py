@@ -72,18 +72,24 @@ def block_shapes(model: torch.nn.Module, arch: ArchSpec, n_blocks: int) -> list[
     return shapes
 
 
-def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module) -> ModelDims:
+def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: bool) -> ModelDims:
+    """The sizes the memory plan needs; ``output_stats``: the method accumulates narrow outputs instead
+    of wide inputs for one-linear groups (as :meth:`Engine._output_stats_cheaper` decides)."""
     block = model.get_submodule(arch.blocks)[0]
     lins = [block.get_submodule(n) for n in arch.linears]
+    covs = []
+    for group in arch.groups:
+        first = block.get_submodule(group[0])
+        narrow = output_stats and len(group) == 1 and first.out_features < first.in_features
+        covs.append(first.out_features if narrow else first.in_features)
     return ModelDims(
         hidden=hf_config.hidden_size,
         intermediate=getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size),
         heads=hf_config.num_attention_heads,
         vocab=hf_config.vocab_size,
         block_params=sum(p.numel() for p in block.parameters()),
-        largest_in=max(lin.in_features for lin in lins),
-        largest_out=max(lin.out_features for lin in lins),
-        cov_dims=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
+        linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins),
+        cov_dims=tuple(covs),
     )
 
 
@@ -125,7 +131,8 @@ def run(cfg: CompressConfig) -> CompressResult:
     n_blocks = hf_config.num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
     ranks = _ranks(cfg, shapes)
-    mem = plan(model_dims(hf_config, arch, shell), cfg.n_samples, cfg.seq_len, budget or default_budget())
+    dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
+    mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = AutoTokenizer.from_pretrained(source.path)

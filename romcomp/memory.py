@@ -52,9 +52,8 @@ class ModelDims:
     heads: int
     vocab: int
     block_params: int
-    largest_in: int  # the largest input dimension of a block linear
-    largest_out: int
-    cov_dims: tuple[int, ...]  # input dims of the groups (one covariance each)
+    linear_shapes: tuple[tuple[int, int], ...]  # (d_in, d_out) of each block linear
+    cov_dims: tuple[int, ...]  # width of each accumulated covariance (group input, or a narrow output)
 
 
 @dataclass(frozen=True)
@@ -76,13 +75,15 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
     act = 2 * (n_samples if in_ram else batch) * token_bytes  # input + output streams
-    big = max(dims.largest_in, dims.largest_out)
-    small = min(dims.largest_in, dims.largest_out)
+    # per linear: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem
+    workspace = max(
+        4 * min(shape) ** 2 * f64 + 3 * max(shape) * min(shape) * f64 for shape in dims.linear_shapes
+    )
     return {
         "runtime": RUNTIME_BASELINE,
         "block weights (source + fp32 + factors)": 3 * dims.block_params * f32,
         "covariances (float64)": sum((d + 1) ** 2 for d in dims.cov_dims) * f64,
-        "decomposition workspace (float64)": 4 * small * small * f64 + 3 * big * small * f64,
+        "decomposition workspace (float64)": workspace,
         "activation cache": act,
         "forward temporaries": batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
         + batch * dims.heads * seq_len * seq_len * f32 * 2,

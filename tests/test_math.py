@@ -129,3 +129,19 @@ def test_output_statistics_give_the_input_route_factors(bias):
     if bias:
         torch.testing.assert_close(via_outputs.bias, via_inputs.bias, rtol=1e-4, atol=1e-4)
     assert get_output_method("svd") is None  # SVD works on W alone: no output variant
+
+
+def test_memory_estimate_sizes_each_linear_on_its_own():
+    """Qwen2.5-1.5B-like block (gate/up 1536->8960, down 8960->1536, down accumulated on its outputs):
+    the decomposition workspace is the worst *single* linear, not largest d_in x largest d_out, and the
+    down_proj covariance is 1536² — the estimate that once refused this model under 4 GB (7.4 GiB)."""
+    from romcomp.memory import ModelDims, estimate
+
+    h, i = 1536, 8960
+    dims = ModelDims(hidden=h, intermediate=i, heads=12, vocab=151936, block_params=46_797_824,
+                     linear_shapes=((h, h), (h, 256), (h, 256), (h, h), (h, i), (h, i), (i, h)),
+                     cov_dims=(h, h, h, h))  # fmt: skip
+    parts = estimate(dims, n_samples=32, seq_len=512, batch=8, in_ram=True)
+    assert parts["decomposition workspace (float64)"] == 4 * h * h * 8 + 3 * i * h * 8
+    assert parts["covariances (float64)"] == 4 * (h + 1) ** 2 * 8
+    assert sum(parts.values()) < 4e9
