@@ -176,7 +176,7 @@ def run(cfg: CompressConfig) -> CompressResult:
         resumed = len(manifest.blocks_done)
         times = _stream_blocks(engine, output, manifest, windows, mem, n_blocks, cfg.progress)
         if manifest.status != "complete":
-            output.write_shard(n_blocks, engine.top_level_tensors(tied))
+            output.copy_shard(n_blocks, engine.top_level_names(tied), ckpt)
             output.finalize(
                 _output_config(hf_config, arch, cfg, ranks, calib_desc, source.description),
                 source.path,

@@ -207,13 +207,13 @@ class Engine:
         self.layers[index].to("meta")
         release_heap()
 
-    def top_level_tensors(self, tied: bool) -> dict[str, torch.Tensor]:
+    def top_level_names(self, tied: bool) -> list[str]:
         """Everything outside the blocks (embeddings, final norm, untied lm_head), copied unchanged."""
         prefix = f"{self.arch.blocks}."
         names = [n for n in self.ckpt.keys() if not n.startswith(prefix)]
         if tied:
             names = [n for n in names if not n.startswith(f"{self.arch.lm_head}.")]
-        return {n: self.ckpt.get(n) for n in names}
+        return names
 
 
 def build_shell(hf_config) -> nn.Module:

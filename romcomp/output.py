@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from romcomp.checkpoint import atomic_save_safetensors, atomic_write_json, fsync_dir
+from romcomp.checkpoint import (
+    LazyCheckpoint,
+    atomic_save_safetensors,
+    atomic_stream_safetensors,
+    atomic_write_json,
+    fsync_dir,
+)
 from romcomp.errors import BadInputError, RomcompError
 
 WORK = ".romcomp"
@@ -158,6 +164,12 @@ class OutputDir:
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
         path = self.out / shard_name(index, self.total_shards)
         atomic_save_safetensors(tensors, path)
+        return path
+
+    def copy_shard(self, index: int, names: list[str], source: LazyCheckpoint) -> Path:
+        """Shard ``index`` made of source tensors copied one at a time (embeddings and head can be GBs)."""
+        path = self.out / shard_name(index, self.total_shards)
+        atomic_stream_safetensors(path, {n: source.spec(n) for n in names}, source.get)
         return path
 
     # -- the end ---------------------------------------------------------------------------------------

@@ -181,3 +181,20 @@ def test_degenerate_covariances_give_finite_factors_and_manifest_notes(
     for shard in out.glob("*.safetensors"):
         for name, tensor in load_file(shard).items():
             assert torch.isfinite(tensor).all(), name
+
+
+def test_streamed_shard_equals_save_file(tmp_path: Path) -> None:
+    """The tensor-by-tensor writer of the top-level shard gives a file safetensors reads back exactly."""
+    from romcomp.checkpoint import atomic_stream_safetensors
+
+    tensors = {"b.weight": torch.randn(7, 5), "a.weight": torch.randn(3).to(torch.bfloat16),
+               "c.bias": torch.randn(2, 3, 4).half()}  # fmt: skip
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    specs = {n: (names[t.dtype], tuple(t.shape)) for n, t in tensors.items()}
+    loaded: list[str] = []
+    atomic_stream_safetensors(tmp_path / "s.safetensors", specs, lambda n: loaded.append(n) or tensors[n])
+    back = load_file(tmp_path / "s.safetensors")
+    assert loaded == sorted(tensors) and set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    assert not list(tmp_path.glob("*.tmp"))
