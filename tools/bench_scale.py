@@ -70,19 +70,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = threading.Thread(target=sample_rss, args=(proc.pid, samples, stop), daemon=True)
     sampler.start()
     killed = False
-    while proc.poll() is None:
-        done = len(manifest(args.out).get("blocks_done", []))
-        if args.blocks and done >= args.blocks:
+    while True:  # wait4 (not Popen.poll, which would reap the child and lose its rusage)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if args.blocks and len(manifest(args.out).get("blocks_done", [])) >= args.blocks:
             os.kill(proc.pid, signal.SIGKILL)
+            _, status, usage = os.wait4(proc.pid, 0)
             killed = True
             break
         time.sleep(0.5)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
     log.close()
-    code = os.waitstatus_to_exitcode(status)
+    code = proc.returncode
     if not killed and code != 0:
         sys.exit(f"romcomp exited {code}; see {log.name}")
     return {"cmd": cmd, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "rss_samples": samples,
