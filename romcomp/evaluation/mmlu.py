@@ -103,25 +103,27 @@ def harness_subject_info(subject: str) -> tuple[str, str]:
     return str(spec["description"]), category
 
 
-def write_tasks(dest: Path, data_dir: Path, datasets_cache: Path) -> dict[str, str]:
-    """One YAML + two JSONL files per subject under ``dest``; returns subject -> category."""
+def write_tasks(dest: Path, data_dir: Path, datasets_cache: Path) -> dict[str, tuple[str, int]]:
+    """One YAML + two JSONL files per subject under ``dest``; returns subject -> (category, test docs)."""
     from romcomp.evaluation.zeroshot import TEMPLATE_DIR, fill_template
 
     template = (TEMPLATE_DIR / "mmlu.yaml").read_text(encoding="utf-8")
-    categories = {}
+    info = {}
     for subject in subjects(data_dir):
-        description, categories[subject] = harness_subject_info(subject)
+        description, category = harness_subject_info(subject)
         paths = {}
         for split in ("test", "dev"):
             paths[split] = dest / f"mmlu_{subject}_{split}.jsonl"
             docs = read_csv(data_dir / MMLU_DIR / split / f"{subject}_{split}.csv")
             paths[split].write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+            if split == "test":
+                info[subject] = (category, len(docs))
         text = fill_template(template, paths["test"], datasets_cache)
         text = text.replace("__ROMCOMP_DEV_FILE__", json.dumps(str(paths["dev"]))[1:-1])
         text = text.replace("__ROMCOMP_DESCRIPTION__", json.dumps(description)[1:-1])
         text = text.replace("__ROMCOMP_TASK__", TASK_PREFIX + subject)
         (dest / f"mmlu_{subject}.yaml").write_text(text, encoding="utf-8")
-    return categories
+    return info
 
 
 def run_mmlu(
@@ -136,7 +138,7 @@ def run_mmlu(
 
     wanted = list(only) if only is not None else subjects(data_dir)
     with private_task_dir() as (tasks_dir, cache):
-        categories = write_tasks(tasks_dir, data_dir, cache)
+        info = write_tasks(tasks_dir, data_dir, cache)
         manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[TASK_PREFIX + s for s in wanted], task_manager=manager, num_fewshot=NUM_FEWSHOT,
@@ -147,14 +149,14 @@ def run_mmlu(
     result = MmluResult()
     for subject in wanted:
         raw = out["results"][TASK_PREFIX + subject]
-        total = len(read_csv(data_dir / MMLU_DIR / "test" / f"{subject}_test.csv"))
+        category, total = info[subject]  # counted when the CSV was converted, not read again
         scored = int(out.get("n-samples", {}).get(TASK_PREFIX + subject, {}).get("effective", 0)) or min(
             total, limit or total
         )
         acc = float(raw["acc,none"])  # stderr below is lm-eval's closed form for a mean of 0/1 scores
         result.subjects[subject] = {
             "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / max(scored - 1, 1)),
-            "docs_scored": scored, "docs_total": total, "category": categories[subject],
+            "docs_scored": scored, "docs_total": total, "category": category,
         }  # fmt: skip
     samples = {s: list(out.get("samples", {}).get(TASK_PREFIX + s, [])) for s in wanted}
     return result, samples
