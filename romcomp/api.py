@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
@@ -20,7 +21,7 @@ from romcomp.checkpoint import LazyCheckpoint
 from romcomp.config import CompressConfig
 from romcomp.engine import BlockTimes, Engine, build_shell
 from romcomp.errors import BadInputError
-from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
+from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan, resident_bytes
 from romcomp.methods import get_method, get_output_method
 from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
 from romcomp.ranks import LinearShape, allocate_uniform, linear_params
@@ -135,6 +136,7 @@ def run(cfg: CompressConfig) -> CompressResult:
     mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+        threadpool_limits(cfg.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     windows = calibration_windows(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     calib_desc = calibration_tokens_description(calib, cfg.n_samples, cfg.seq_len, cfg.seed)
@@ -255,21 +257,21 @@ def _stream_blocks(engine: Engine, output: OutputDir, manifest: Manifest, window
         output.write_shard(index, engine.block_tensors(index, block))
         sink.commit()
         bt.write = time.perf_counter() - t0
+        del block
+        engine.free_block(index)
+        source.release()
+        bt.rss, rss_anon = resident_bytes()
         manifest.blocks_done.append(index)
         if notes:
             manifest.notes[str(index)] = notes
         manifest.block_times[str(index)] = {
             "forward": round(bt.forward, 3), "decompose": round(bt.decompose, 3), "write": round(bt.write, 3),
-            "rss_before_free": psutil.Process().memory_info().rss,
+            "rss": bt.rss, "rss_anon": rss_anon,
         }  # fmt: skip
         output.save_manifest(manifest)
         os.remove(source.path)
         times[index] = bt
-        del block
-        source.release()
         source = sink
-        engine.free_block(index)
-        bt.rss = psutil.Process().memory_info().rss
         bar.update(1)
     bar.close()
     source.release()

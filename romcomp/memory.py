@@ -12,6 +12,9 @@ import ctypes
 import re
 import resource
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
 
 from romcomp.errors import BadInputError
 
@@ -112,6 +115,17 @@ def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int) -> MemoryPl
 def peak_rss() -> int:
     """Process RSS high-water mark in bytes (``ru_maxrss``; file pages mapped and touched count too)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_bytes() -> tuple[int, int]:
+    """(RSS, its anonymous part) now. The difference is file pages mapped and resident (safetensors shards
+    being read); a flat anonymous part across blocks is what shows that nothing accumulates."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux
+        rss = psutil.Process().memory_info().rss
+        return rss, rss
 
 
 def release_heap() -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from romcomp.methods.linalg import symmetric_from_upper
 
 
 @dataclass
@@ -13,11 +17,15 @@ class InputStats:
 
     ``xtx`` is the sum of ``x xᵀ`` and ``xsum`` the sum of ``x`` over ``count`` calibration tokens; the
     sums (not means) are kept so that accumulation over batches is exact and order-independent enough.
+    Only the upper triangle of ``xtx`` is read (the accumulator fills just that half: ``syrk``).
+    ``derived`` memoizes what several linears of a group compute from the same statistics (the whitening
+    root of q/k/v or gate/up), so it is computed once per shared input.
     """
 
     xtx: torch.Tensor
     xsum: torch.Tensor
     count: int = 0
+    derived: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, dim: int) -> InputStats:
@@ -25,9 +33,14 @@ class InputStats:
 
     @property
     def second_moment(self) -> torch.Tensor:
-        """``E[x xᵀ]`` (uncentred), symmetrized."""
-        m = self.xtx / max(self.count, 1)
-        return (m + m.T) / 2
+        """``E[x xᵀ]`` (uncentred), mirrored from the upper triangle."""
+        return symmetric_from_upper(self.xtx) / max(self.count, 1)
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per ``key`` for these statistics."""
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
 
     @property
     def mean(self) -> torch.Tensor:

@@ -17,37 +17,46 @@ from __future__ import annotations
 
 import torch
 
+from romcomp.methods import linalg
 from romcomp.methods.base import Factors, InputStats
-from romcomp.methods.linalg import top_eigvecs, top_output_subspace
+from romcomp.methods.linalg import psd_root, top_eigvecs, top_left_singular
 
 
-def augmented(
-    weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W̃, Σ̃)`` in float64: the bias folded in as a weight on a constant-1 input."""
+def augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W̃ = [W b]`` in float64: the bias folded in as a weight on a constant-1 input."""
     w = weight.double()
+    return w if bias is None else torch.cat([w, bias.double()[:, None]], dim=1)
+
+
+def augmented_sigma(stats: InputStats, with_bias: bool) -> torch.Tensor:
+    """``Σ̃ = E[x̃ x̃ᵀ]`` for ``x̃ = [x; 1]`` (just ``E[x xᵀ]`` without a bias)."""
     sigma = stats.second_moment
-    if bias is None:
-        return w, sigma
+    if not with_bias:
+        return sigma
     mu = stats.mean
-    w_aug = torch.cat([w, bias.double()[:, None]], dim=1)
     top = torch.cat([sigma, mu[:, None]], dim=1)
     bottom = torch.cat([mu, torch.ones(1, dtype=torch.float64)])[None, :]
-    return w_aug, torch.cat([top, bottom], dim=0)
+    return torch.cat([top, bottom], dim=0)
+
+
+def whitening_root(stats: InputStats, with_bias: bool) -> tuple[torch.Tensor, list[str]]:
+    """``L`` with ``L Lᵀ = Σ̃``, computed once per shared input (q/k/v, gate/up) and kept on ``stats``."""
+    return stats.memo(("root", with_bias), lambda: psd_root(augmented_sigma(stats, with_bias)))
 
 
 def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
-    """Rank-``rank`` ROM factors of one linear layer."""
-    w_aug, sigma = augmented(weight, bias, stats)
-    basis, notes = top_output_subspace(w_aug, sigma, rank)
-    w = weight.double()
-    down = basis.T @ w
+    """Rank-``rank`` ROM factors of one linear layer: the top-k left singular vectors of ``W̃ L``."""
+    root, notes = whitening_root(stats, bias is not None)
+    whitened = augmented_weight(weight, bias).to(linalg.EIGH_DTYPE) @ root.to(linalg.EIGH_DTYPE)
+    basis, more = top_left_singular(whitened, rank)
+    del whitened
+    down = basis.float().T @ weight.float()  # rounded to the checkpoint's 16-bit dtype next: fp32 suffices
     new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
     return Factors(
         down=down.float().contiguous(),
         up=basis.float().contiguous(),
         bias=None if new_bias is None else new_bias.float(),
-        notes=notes,
+        notes=notes + more,
     )
 
 
@@ -59,8 +68,8 @@ def decompose_outputs(
     ``out_stats`` holds ``Σ y yᵀ`` over the calibration tokens, i.e. exactly ``W̃ Σ̃ W̃ᵀ`` (bias included),
     so the factors equal :func:`decompose`'s up to round-off and the sign of each basis vector.
     """
-    basis = top_eigvecs(out_stats.second_moment, rank)
-    down = basis.T @ weight.double()
+    basis = top_eigvecs(out_stats.xtx, rank, upper=True)  # eigenvectors of the sum = of the mean
+    down = basis.float().T @ weight.float()
     new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
     return Factors(
         down=down.float().contiguous(),
