@@ -91,13 +91,13 @@ def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, data_dir,
 
     original, calls = Engine.free_block, []
 
-    def crash_after_two(self, index):
+    def crash_in_third(self, index):  # blocks 0 and 1 are recorded; block 2 is freed but not yet recorded
         original(self, index)
         calls.append(index)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Engine, "free_block", crash_after_two)
+    monkeypatch.setattr(Engine, "free_block", crash_in_third)
     with pytest.raises(KeyboardInterrupt):
         run(CompressConfig(out=tmp_path / "b", **cfg))
     assert not (tmp_path / "b" / "config.json").exists()  # incomplete output does not look complete
