@@ -1,9 +1,10 @@
 """``--max-ram``: parse the budget, estimate a run's peak from the model config, and pick a plan.
 
-The estimate is a sum of the buffers the engine really holds at its peak (one block's weights in fp32,
-the float64 covariances of one block, the decomposition workspace of its largest matrix, the activation
-cache, the forward temporaries of one batch, and the runtime's own baseline). When nothing fits, the run is
-refused before any work, naming the smallest budget that would work.
+The estimate adds up the buffers the engine holds at its peak (one block's weights in fp32, the float64
+covariances of one block, the activation cache, the embedding of the block-0 capture, the runtime's own
+baseline, and the larger of the forward temporaries of one batch and the decomposition workspace of its
+largest matrix, which never coexist), or the final top-level copy if that is larger. When nothing fits,
+the run is refused before any work, naming the smallest budget that would work.
 """
 
 from __future__ import annotations
@@ -73,8 +74,13 @@ class MemoryPlan:
         return asdict(self)
 
 
+WORKSPACE = "decomposition workspace (float64)"
+TEMPORARIES = "forward temporaries"
+TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
+
+
 def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool) -> dict[str, int]:
-    """Peak bytes by part for one configuration."""
+    """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase."""
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
     act = 2 * (n_samples if in_ram else batch) * token_bytes  # input + output streams
@@ -86,12 +92,22 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
         "runtime": RUNTIME_BASELINE,
         "block weights (source + fp32 + factors)": 3 * dims.block_params * f32,
         "covariances (float64)": sum((d + 1) ** 2 for d in dims.cov_dims) * f64,
-        "decomposition workspace (float64)": workspace,
+        WORKSPACE: workspace,
         "activation cache": act,
-        "forward temporaries": batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
+        TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
         + batch * dims.heads * seq_len * seq_len * f32 * 2,
         "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,
+        TOP_LEVEL: 3 * dims.vocab * dims.hidden * f32,
     }
+
+
+def peak_bytes(parts: dict[str, int]) -> int:
+    """The estimated peak: the block phase holds everything but the forward temporaries and the
+    decomposition workspace *at once* — those two never coexist (forwards finish before decomposing) — and
+    the final top-level copy (embedding/head tensors, one at a time) happens after every block is freed."""
+    block_phase = sum(v for k, v in parts.items() if k not in (WORKSPACE, TEMPORARIES, TOP_LEVEL))
+    block_phase += max(parts[WORKSPACE], parts[TEMPORARIES])
+    return max(block_phase, parts["runtime"] + parts["activation cache"] + parts[TOP_LEVEL])
 
 
 def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int) -> MemoryPlan:
@@ -100,7 +116,7 @@ def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int) -> MemoryPl
     for in_ram in (True, False):
         for batch in BATCH_CHOICES:
             parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram)
-            total = sum(parts.values())
+            total = peak_bytes(parts)
             if total <= budget:
                 return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts)
             if best is None or total < best[0]:
