@@ -22,10 +22,12 @@ from romcomp.methods.base import Factors, InputStats
 from romcomp.methods.linalg import psd_root, top_eigvecs, top_left_singular
 
 
-def augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``W̃ = [W b]`` in float64: the bias folded in as a weight on a constant-1 input."""
-    w = weight.double()
-    return w if bias is None else torch.cat([w, bias.double()[:, None]], dim=1)
+def augmented_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``W̃ = [W b]``: the bias folded in as a weight on a constant-1 input."""
+    w = weight.to(dtype)
+    return w if bias is None else torch.cat([w, bias.to(dtype)[:, None]], dim=1)
 
 
 def augmented_sigma(stats: InputStats, with_bias: bool) -> torch.Tensor:
@@ -47,7 +49,7 @@ def whitening_root(stats: InputStats, with_bias: bool) -> tuple[torch.Tensor, li
 def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
     """Rank-``rank`` ROM factors of one linear layer: the top-k left singular vectors of ``W̃ L``."""
     root, notes = whitening_root(stats, bias is not None)
-    whitened = augmented_weight(weight, bias).to(linalg.EIGH_DTYPE) @ root.to(linalg.EIGH_DTYPE)
+    whitened = augmented_weight(weight, bias, linalg.EIGH_DTYPE) @ root.to(linalg.EIGH_DTYPE)
     basis, more = top_left_singular(whitened, rank)
     del whitened
     down = basis.float().T @ weight.float()  # rounded to the checkpoint's 16-bit dtype next: fp32 suffices
