@@ -66,7 +66,9 @@ def compress(
             "on AVX-512-BF16 CPUs). Statistics and decompositions stay float32/float64."
         ),
     ] = "float32",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch and BLAS/LAPACK (default: their own choice).")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Discard a previous romcomp output in --out and start over.")
     ] = False,
