@@ -225,7 +225,8 @@ def _ranks(cfg: CompressConfig, shapes: list[LinearShape]) -> dict[str, int]:
     unknown = sorted(set(cfg.ranks) - set(known))
     if unknown:
         raise BadInputError(f"rank map names unknown linears: {', '.join(unknown[:5])}")
-    bad = [n for n, r in cfg.ranks.items() if not 1 <= r <= min(known[n].d_in + 1, known[n].d_out)]
+    top = {n: min(s.d_in + int(s.bias), s.d_out) for n, s in known.items()}  # the outputs' possible rank
+    bad = [n for n, r in cfg.ranks.items() if not 1 <= r <= top[n]]
     if bad:
         raise BadInputError(f"rank out of range for {', '.join(bad[:5])}")
     return {n: int(r) for n, r in cfg.ranks.items()}

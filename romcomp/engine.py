@@ -170,6 +170,9 @@ class Engine:
                         notes += self._swap(block, name, full, out_stats[name], self.output_method)
                     elif full in self.ranks:
                         notes += self._swap(block, name, full, stats[group[0]], self.method)
+                if group[0] in stats:  # the group's whitening root is no longer needed
+                    stats[group[0]].derived.clear()
+            del stats, out_stats  # covariances are not needed by the compressed forward below
             times.decompose += time.perf_counter() - t0
         if self.calib_stream == "compressed":
             t0 = time.perf_counter()

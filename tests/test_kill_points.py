@@ -72,7 +72,7 @@ def _files(out: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "point,nth",
     [
-        ("calibration", 9),  # block 1's statistics (two accumulators per block per batch)
+        ("calibration", 9),  # block 2's statistics (four accumulators per block, one batch)
         ("decomposition", 10),  # block 1, after block 0 is recorded done
         ("shard", 3),  # block 2's shard written under .tmp, not renamed
         ("index", 1),  # every shard done, the index written but not renamed

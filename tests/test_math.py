@@ -187,3 +187,12 @@ def test_float32_eigensolver_costs_nothing_on_real_statistics(smol_dir, data_dir
                 totals[dtype] += 1 - float(torch.trace(basis.T @ c @ basis) / torch.trace(c))
     assert totals[torch.float64] > 0.01  # a real compression: energy is discarded at all
     assert abs(totals[torch.float32] - totals[torch.float64]) < 1e-4 * totals[torch.float64], totals
+
+
+def test_zero_weight_gives_finite_orthonormal_factors():
+    """An all-zero (e.g. zero-initialised) layer: the float32 eigensolver sees a zero Gram, not 0/0 = NaN."""
+    for d_out, d_in in ((8, 16), (24, 8)):  # the wide (d_out-sized) and the tall (d_in-sized) route
+        f = get_method("rom")(torch.zeros(d_out, d_in), None, stats_of(torch.randn(50, d_in)), 4)
+        assert torch.isfinite(f.up).all() and torch.isfinite(f.down).all()
+        torch.testing.assert_close(f.up.T @ f.up, torch.eye(4), atol=1e-5, rtol=0)
+        assert (f.down == 0).all()

@@ -35,9 +35,10 @@ def syrk_upper(x: torch.Tensor) -> torch.Tensor:
     *lower* triangle of a Fortran array, whose transpose is a C-contiguous upper triangle: adding it to a
     C-contiguous accumulator then runs at memory speed (a strided add cost as much as the product).
     """
-    x = x.contiguous()
     fn = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
-    return torch.from_numpy(fn(1.0, x.numpy().T, trans=0, lower=1)).T
+    if x.T.is_contiguous():  # x is a transposed view (a wide M's Mᵀ): BLAS reads it as is, trans=1
+        return torch.from_numpy(fn(1.0, x.T.numpy().T, trans=1, lower=1)).T
+    return torch.from_numpy(fn(1.0, x.contiguous().numpy().T, trans=0, lower=1)).T
 
 
 def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
@@ -47,8 +48,9 @@ def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
 
 def psd_root(sigma: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Lower-triangular ``L`` (float64) with ``L Lᵀ ≈ Σ``: Cholesky, with a recorded diagonal jitter when
-    Σ is singular (few tokens, dead channels), escalated until it succeeds. The jitter only adds variance
-    ~1e-10 of the mean in directions the data never visits, so it never changes which directions are kept."""
+    Σ is singular (few tokens, dead channels): 1e-10 of the mean variance first, escalated ×100 until the
+    factorization succeeds (the value used is recorded). At the first step it only adds variance in
+    directions the data barely visits, so it does not change which directions are kept."""
     sigma = sigma.double()
     root, info = torch.linalg.cholesky_ex(sigma)
     if int(info) == 0:
@@ -78,8 +80,10 @@ def top_eigvecs(sym: torch.Tensor, k: int, upper: bool = False) -> torch.Tensor:
     ~40% of the pairs (6.7 s vs 14 s at 4096², float64) and torch's ``eigh`` (9.5 s). Falls back to torch's
     float64 solver if LAPACK fails.
     """
-    scale = sym.diagonal().abs().max().clamp_min(1e-300)
-    a = (sym / scale).to(EIGH_DTYPE).numpy()
+    if k < 1:
+        return torch.zeros(sym.shape[0], 0, dtype=torch.float64)
+    scale = float(sym.diagonal().abs().max())
+    a = (sym / (scale if scale > 0 else 1.0)).to(EIGH_DTYPE).numpy()  # a zero matrix stays zero, not NaN
     try:
         _, vecs = scipy.linalg.eigh(a, lower=not upper, driver="evd", overwrite_a=True, check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
