@@ -46,20 +46,28 @@ def whitening_root(stats: InputStats, with_bias: bool) -> tuple[torch.Tensor, li
     return stats.memo(("root", with_bias), lambda: psd_root(augmented_sigma(stats, with_bias)))
 
 
+def project(
+    basis: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, notes: list[str] | None = None
+) -> Factors:
+    """The layer restricted to an orthonormal output basis ``V_k``: ``down = V_kᵀ W``, ``up = V_k``,
+    bias ``V_k V_kᵀ b``. ``down`` in float32: it is rounded to the checkpoint's 16-bit dtype next."""
+    down = basis.float().T @ weight.float()
+    new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
+    return Factors(
+        down=down.contiguous(),
+        up=basis.float().contiguous(),
+        bias=None if new_bias is None else new_bias.float(),
+        notes=notes or [],
+    )
+
+
 def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
     """Rank-``rank`` ROM factors of one linear layer: the top-k left singular vectors of ``W̃ L``."""
     root, notes = whitening_root(stats, bias is not None)
     whitened = augmented_weight(weight, bias, linalg.EIGH_DTYPE) @ root.to(linalg.EIGH_DTYPE)
     basis, more = top_left_singular(whitened, rank)
     del whitened
-    down = basis.float().T @ weight.float()  # rounded to the checkpoint's 16-bit dtype next: fp32 suffices
-    new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
-    return Factors(
-        down=down.float().contiguous(),
-        up=basis.float().contiguous(),
-        bias=None if new_bias is None else new_bias.float(),
-        notes=notes + more,
-    )
+    return project(basis, weight, bias, notes + more)
 
 
 def decompose_outputs(
@@ -71,10 +79,4 @@ def decompose_outputs(
     so the factors equal :func:`decompose`'s up to round-off and the sign of each basis vector.
     """
     basis = top_eigvecs(out_stats.xtx, rank, upper=True)  # eigenvectors of the sum = of the mean
-    down = basis.float().T @ weight.float()
-    new_bias = basis @ (basis.T @ bias.double()) if bias is not None else None
-    return Factors(
-        down=down.float().contiguous(),
-        up=basis.float().contiguous(),
-        bias=None if new_bias is None else new_bias.float(),
-    )
+    return project(basis, weight, bias)
