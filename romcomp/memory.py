@@ -133,15 +133,24 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def proc_status_bytes(*fields: str) -> tuple[int, ...] | None:
+    """Memory fields (``VmRSS``, ``RssAnon``, ``VmHWM``, …) of this process from /proc, in bytes; None
+    where /proc is missing (not Linux) or lacks a field."""
+    try:
+        lines = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return tuple(int(lines[f].split()[0]) * 1024 for f in fields)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def resident_bytes() -> tuple[int, int]:
     """(RSS, its anonymous part) now. The difference is file pages mapped and resident (safetensors shards
     being read); a flat anonymous part across blocks is what shows that nothing accumulates."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):  # not Linux
+    found = proc_status_bytes("VmRSS", "RssAnon")
+    if found is None:
         rss = psutil.Process().memory_info().rss
         return rss, rss
+    return found[0], found[1]
 
 
 def release_heap() -> None:

@@ -60,15 +60,10 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """``VmHWM`` (resettable) when /proc is there, else ``ru_maxrss`` (since process start)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from romcomp.memory import peak_rss
+    from romcomp.memory import peak_rss, proc_status_bytes
 
-    return peak_rss()
+    found = proc_status_bytes("VmHWM")
+    return found[0] if found is not None else peak_rss()
 
 
 def _prompt(model: Any, batch: int, length: int, seed: int) -> torch.Tensor:
