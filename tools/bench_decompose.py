@@ -19,6 +19,7 @@ import argparse
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -108,16 +109,10 @@ def real_stats(model_spec: str, n_samples: int, seq_len: int, blocks: list[int] 
     windows = calibration_windows(tokenizer, load_calibration("c4"), n_samples, seq_len, 0)
     layers = model.get_submodule(arch.blocks)
     chosen = blocks if blocks is not None else list(range(len(layers)))
-    stats, managers = {}, []
-    for i in chosen:
-        manager = collect_input_stats(layers[i], arch.groups)
-        stats[i] = manager.__enter__()
-        managers.append(manager)
-    with torch.inference_mode():
+    with ExitStack() as hooks, torch.inference_mode():
+        stats = {i: hooks.enter_context(collect_input_stats(layers[i], arch.groups)) for i in chosen}
         for start in range(0, windows.shape[0], 4):
             model(input_ids=windows[start : start + 4], use_cache=False)
-    for manager in managers:
-        manager.__exit__(None, None, None)
     return model, arch, layers, stats
 
 
