@@ -24,20 +24,17 @@ def count_and_maybe_die():
     if calls[0] == nth:
         os.kill(os.getpid(), signal.SIGKILL)
 
-if point in ("calibration", "decomposition"):
-    import romcomp.methods as methods, romcomp.stats as stats
-    if point == "calibration":
-        original = stats.accumulate
-        def patched(*a, **k):
-            count_and_maybe_die()
-            return original(*a, **k)
-        stats.accumulate = patched
-    else:
-        original = methods.METHODS["rom"]
-        def patched(*a, **k):
-            count_and_maybe_die()
-            return original(*a, **k)
-        methods.METHODS["rom"] = patched
+def counting(fn):
+    def wrapper(*a, **k):
+        count_and_maybe_die()
+        return fn(*a, **k)
+    return wrapper
+
+import romcomp.methods as methods, romcomp.stats as stats
+if point == "calibration":
+    stats.accumulate = counting(stats.accumulate)
+elif point == "decomposition":
+    methods.METHODS["rom"] = counting(methods.METHODS["rom"])
 else:  # a rename: the file is fully written under its temporary name, the rename never happens
     suffix = {"shard": ".safetensors", "index": ".index.json", "config": "/config.json"}[point]
     real_replace = os.replace
