@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,18 +9,17 @@ from pathlib import Path
 import psutil
 import torch
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from romcomp import __version__
-from romcomp.activations import Boundary
+from romcomp.allocation import allocate_auto, allocate_last_n, allocate_v2
 from romcomp.archs import ArchSpec, arch_for
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.config import CompressConfig
-from romcomp.engine import BlockTimes, Engine, build_shell
+from romcomp.engine import BlockTimes, Engine, Target, build_shell, stream_blocks
 from romcomp.errors import BadInputError
-from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan, resident_bytes
-from romcomp.methods import get_method, get_output_method
+from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
+from romcomp.methods import CROSS_METHODS, get_method, get_output_method
 from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
 from romcomp.ranks import LinearShape, allocate_uniform, linear_params
 
@@ -52,6 +49,8 @@ class CompressResult:
     notes: dict[str, list[str]] = field(default_factory=dict)
     resumed_blocks: int = 0
     allocation: str = "uniform"
+    fit: str = "local"
+    ratios: tuple[float, ...] = ()  # every ratio of the run that produced this output
 
     @property
     def linear_ratio_removed(self) -> float:
@@ -91,6 +90,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         block_params=sum(p.numel() for p in block.parameters()),
         linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins),
         cov_dims=tuple(covs),
+        linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
     )
 
 
@@ -108,14 +108,25 @@ def compress(
 
 
 def run(cfg: CompressConfig) -> CompressResult:
-    """Validate everything cheap first, then stream the blocks; resumable from the manifest."""
+    """One ratio: validate everything cheap first, then stream the blocks; resumable from the manifest."""
+    results = run_many(cfg)
+    if len(results) != 1:
+        raise BadInputError("several ratios give several outputs: call romcomp.api.run_many")
+    return results[0]
+
+
+def run_many(cfg: CompressConfig) -> list[CompressResult]:
+    """Every ratio of ``cfg`` in one pass: one output directory per ratio, sharing the dense pre-pass,
+    each block's load and the dense activation stream (the error-aware fit's targets)."""
     from calib import calibration_tokens_description, calibration_windows, load_calibration
     from romcomp.sources import resolve_model
 
     t_start = time.perf_counter()
     budget = cfg.validate()
-    out_path = Path(cfg.out) if cfg.out else cfg.default_out()
-    check_out_dir(out_path, cfg.overwrite)
+    ratios = cfg.ratios
+    out_paths = cfg.out_paths()
+    for path in out_paths:
+        check_out_dir(path, cfg.overwrite)
     calib = load_calibration(cfg.calib, cfg.data_dir)
     source = resolve_model(cfg.model)
     hf_config = AutoConfig.from_pretrained(source.path)
@@ -131,9 +142,10 @@ def run(cfg: CompressConfig) -> CompressResult:
     )
     n_blocks = hf_config.num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
-    ranks = _ranks(cfg, shapes)
+    fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
-    mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget())
+    streams = len(ratios) + int(cfg.fit == "error-aware")
+    mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams=streams)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         threadpool_limits(cfg.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool
@@ -141,27 +153,12 @@ def run(cfg: CompressConfig) -> CompressResult:
     windows = calibration_windows(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     calib_desc = calibration_tokens_description(calib, cfg.n_samples, cfg.seq_len, cfg.seed)
 
-    result_args = {**cfg.result_args(), "batch_size": mem.batch_size, "allocation": _allocation(cfg),
-                   "calibration": calib_desc, "version": __version__}  # fmt: skip
-    output = OutputDir(out_path, n_blocks)
-    manifest = output.open(
-        Manifest(
-            args=result_args,
-            args_hash=args_hash(result_args),
-            source={"spec": cfg.model, "description": source.description, "fingerprint": source.fingerprint},
-            calibration=calib_desc,
-            ranks=ranks,
-            threads=torch.get_num_threads(),
-            plan={
-                "budget": mem.budget,
-                "estimate": mem.estimate,
-                "batch_size": mem.batch_size,
-                "activations_in_ram": mem.activations_in_ram,
-            },  # fmt: skip
-        ),
-        cfg.overwrite,
-    )
+    targets: list[Target] = []
     try:
+        for ratio, path, ranks in zip(ratios, out_paths, fixed, strict=True):
+            output = OutputDir(path, n_blocks)
+            manifest = output.open(_manifest(cfg, ratio, mem, calib_desc, source, ranks), cfg.overwrite)
+            targets.append(Target(output, manifest, manifest.ranks or ranks or {}))
         engine = Engine(
             model=shell,
             arch=arch,
@@ -169,58 +166,113 @@ def run(cfg: CompressConfig) -> CompressResult:
             method=get_method(cfg.method),
             output_method=get_output_method(cfg.method),
             compute_dtype=getattr(torch, cfg.compute_dtype),
-            ranks=ranks,
             out_dtype=ckpt.get(f"{arch.block_prefix(0)}{arch.linears[0]}.weight").dtype,
             batch_size=mem.batch_size,
             calib_stream=cfg.calib_stream,
             sequential=cfg.sequential,
+            fit=cfg.fit,
+            cross_method=CROSS_METHODS.get(cfg.method),
         )
-        resumed = len(manifest.blocks_done)
-        times = _stream_blocks(engine, output, manifest, windows, mem, n_blocks, cfg.progress)
-        if manifest.status != "complete":
-            output.copy_shard(n_blocks, engine.top_level_names(tied), ckpt)
-            output.finalize(
-                _output_config(hf_config, arch, cfg, ranks, calib_desc, source.description),
-                source.path,
-                manifest,
-            )
+        if any(not t.ranks for t in targets):
+            _data_driven_ranks(cfg, targets, engine, windows, mem, shapes, n_blocks)
+        resumed = [len(t.manifest.blocks_done) for t in targets]
+        times = stream_blocks(engine, targets, windows, mem.activations_in_ram, n_blocks, cfg.progress)
+        for t, ratio in zip(targets, ratios, strict=True):
+            if t.manifest.status != "complete":
+                t.output.copy_shard(n_blocks, engine.top_level_names(tied), ckpt)
+                config = _output_config(hf_config, arch, cfg, ratio, t.ranks, calib_desc, source.description)
+                t.output.finalize(config, source.path, t.manifest)
     finally:
-        output.close()
-    after = LazyCheckpoint(out_path)
-    dense, kept = linear_params(shapes, ranks)
-    return CompressResult(
-        out=out_path,
-        source=source.description,
-        source_dir=source.path,
+        for t in targets:
+            t.output.close()
+    seconds, peak = time.perf_counter() - t_start, peak_rss()
+    results = []
+    for t, ratio, n_resumed in zip(targets, ratios, resumed, strict=True):
+        after = LazyCheckpoint(t.output.out)
+        dense, kept = linear_params(shapes, t.ranks)
+        results.append(
+            CompressResult(
+                out=t.output.out,
+                source=source.description,
+                source_dir=source.path,
+                calibration=calib_desc,
+                ratio=ratio,
+                method=cfg.method,
+                ranks=t.ranks,
+                shapes=shapes,
+                params_before=ckpt.num_params(),
+                params_after=after.num_params(),
+                bytes_before=ckpt.weight_bytes(),
+                bytes_after=after.weight_bytes(),
+                linear_before=dense,
+                linear_after=kept,
+                seconds=seconds,
+                peak_rss=peak,
+                plan=mem,
+                block_times=times,
+                notes=t.manifest.notes,
+                resumed_blocks=n_resumed,
+                allocation=_allocation(cfg),
+                fit=cfg.fit,
+                ratios=tuple(ratios),
+            )  # fmt: skip
+        )
+    return results
+
+
+def _manifest(cfg: CompressConfig, ratio: float, mem: MemoryPlan, calib_desc: str, source,
+              ranks: dict[str, int] | None) -> Manifest:  # fmt: skip
+    """A fresh manifest for the output of ``ratio`` (``output.open`` returns the previous one on resume:
+    same arguments, including every ratio of the run, or a refusal)."""
+    args = {**cfg.result_args(), "ratio": ratio, "batch_size": mem.batch_size, "allocation": _allocation(cfg),
+            "calibration": calib_desc, "version": __version__}  # fmt: skip
+    return Manifest(
+        args=args,
+        args_hash=args_hash(args),
+        source={"spec": cfg.model, "description": source.description, "fingerprint": source.fingerprint},
         calibration=calib_desc,
-        ratio=cfg.ratio,
-        method=cfg.method,
-        ranks=ranks,
-        shapes=shapes,
-        params_before=ckpt.num_params(),
-        params_after=after.num_params(),
-        bytes_before=ckpt.weight_bytes(),
-        bytes_after=after.weight_bytes(),
-        linear_before=dense,
-        linear_after=kept,
-        seconds=time.perf_counter() - t_start,
-        peak_rss=peak_rss(),
-        plan=mem,
-        block_times=times,
-        notes=manifest.notes,
-        resumed_blocks=resumed,
-        allocation=_allocation(cfg),
+        ranks=ranks or {},
+        threads=torch.get_num_threads(),
+        plan={
+            "budget": mem.budget,
+            "estimate": mem.estimate,
+            "batch_size": mem.batch_size,
+            "activations_in_ram": mem.activations_in_ram,
+        },  # fmt: skip
     )
 
 
 def _allocation(cfg: CompressConfig) -> str:
-    return "explicit" if cfg.ranks is not None else "uniform"
+    return "explicit" if cfg.ranks is not None else cfg.allocation
 
 
-def _ranks(cfg: CompressConfig, shapes: list[LinearShape]) -> dict[str, int]:
-    """The uniform allocation, or an explicit map checked against the model's linears."""
+def _data_driven_ranks(cfg: CompressConfig, targets: list[Target], engine: Engine, windows: torch.Tensor,
+                       mem: MemoryPlan, shapes: list[LinearShape], n_blocks: int) -> None:  # fmt: skip
+    """Ranks from the dense pre-pass's spectra (``auto``, ``v2``), one pre-pass for every ratio, fixed in
+    each manifest once chosen: a resumed run reuses them (and the cached spectra) instead of profiling."""
+    from romcomp.profile import profile
+
+    spectra = profile(engine, targets[0].output, windows, mem.activations_in_ram, n_blocks, cfg.progress)
+    allocate = allocate_auto if cfg.allocation == "auto" else allocate_v2
+    for t in targets:
+        if not t.ranks:
+            t.ranks = allocate(shapes, t.manifest.args["ratio"], spectra)
+            t.manifest.ranks = t.ranks
+            t.output.save_manifest(t.manifest)
+
+
+def _ranks(
+    cfg: CompressConfig, ratio: float, shapes: list[LinearShape], n_blocks: int, arch: ArchSpec
+) -> dict[str, int] | None:
+    """An explicit map checked against the model's linears, a shape-only allocation, or None when the
+    allocation needs the dense pre-pass (``auto``, ``v2``)."""
     if cfg.ranks is None:
-        return allocate_uniform(shapes, cfg.ratio)
+        if cfg.allocation == "uniform":
+            return allocate_uniform(shapes, ratio)
+        if cfg.allocation == "last-n":
+            block_of = {s.name: int(s.name[len(arch.blocks) + 1 :].split(".")[0]) for s in shapes}
+            return allocate_last_n(shapes, ratio, n_blocks, cfg.last_n, block_of)
+        return None
     known = {s.name: s for s in shapes}
     unknown = sorted(set(cfg.ranks) - set(known))
     if unknown:
@@ -232,55 +284,14 @@ def _ranks(cfg: CompressConfig, shapes: list[LinearShape]) -> dict[str, int]:
     return {n: int(r) for n, r in cfg.ranks.items()}
 
 
-def _stream_blocks(engine: Engine, output: OutputDir, manifest: Manifest, windows: torch.Tensor,
-                   mem: MemoryPlan, n_blocks: int, progress: bool) -> dict[int, BlockTimes]:  # fmt: skip
-    """The block loop, skipping blocks the manifest records as done."""
-    times: dict[int, BlockTimes] = {}
-    done = set(manifest.blocks_done)
-    if len(done) == n_blocks:
-        return times
-    shape = (windows.shape[0], windows.shape[1], engine.model.config.hidden_size)
-    first = min(set(range(n_blocks)) - done)
-    if first == 0:
-        source = Boundary.create(output.acts_path(0), shape, mem.activations_in_ram)
-        engine.capture_inputs(windows, source)
-        source.commit()
-    else:
-        engine.capture_inputs(windows, None)
-        source = Boundary.load(output.acts_path(first), shape, mem.activations_in_ram)
-    bar = tqdm(
-        total=n_blocks, initial=first, desc="blocks", unit="block", disable=not progress, file=sys.stderr
-    )
-    for index in range(first, n_blocks):
-        sink = Boundary.create(output.acts_path(index + 1), shape, mem.activations_in_ram)
-        block, bt, notes = engine.compress_block(index, source, sink)
-        t0 = time.perf_counter()
-        output.write_shard(index, engine.block_tensors(index, block))
-        sink.commit()
-        bt.write = time.perf_counter() - t0
-        del block
-        engine.free_block(index)
-        source.release()
-        bt.rss, rss_anon = resident_bytes()
-        manifest.blocks_done.append(index)
-        if notes:
-            manifest.notes[str(index)] = notes
-        manifest.block_times[str(index)] = {
-            "forward": round(bt.forward, 3), "decompose": round(bt.decompose, 3), "write": round(bt.write, 3),
-            "rss": bt.rss, "rss_anon": rss_anon,
-        }  # fmt: skip
-        output.save_manifest(manifest)
-        os.remove(source.path)
-        times[index] = bt
-        source = sink
-        bar.update(1)
-    bar.close()
-    source.release()
-    return times
-
-
 def _output_config(
-    hf_config, arch: ArchSpec, cfg: CompressConfig, ranks: dict[str, int], calib: str, source: str
+    hf_config,
+    arch: ArchSpec,
+    cfg: CompressConfig,
+    ratio: float,
+    ranks: dict[str, int],
+    calib: str,
+    source: str,
 ) -> dict:
     """config.json of the output: the dense config, a distinct model_type, auto_map and the romcomp record."""
     from romcomp.hf.configuration_romcomp import CONFIGS
@@ -293,9 +304,10 @@ def _output_config(
     romcomp = {
         "version": __version__,
         "method": cfg.method,
-        "ratio": cfg.ratio,
+        "ratio": ratio,
         "allocation": _allocation(cfg),
         "calibration": calib,
+        "fit": cfg.fit,
         "calib_stream": cfg.calib_stream,
         "sequential": cfg.sequential,
         "source": source,

@@ -26,6 +26,9 @@ class ArchSpec:
     family: str
     blocks: str  # dotted path of the ModuleList of decoder blocks
     groups: tuple[tuple[str, ...], ...]  # linears (relative to a block) grouped by shared input
+    # residual sublayers as indices into ``groups``; the last group's one linear writes into the residual
+    # stream (attention: q/k/v, o; MLP: gate/up, down). Used to weigh truncation error for allocation.
+    sublayers: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3))
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     rotary: str = "model.rotary_emb"

@@ -39,7 +39,11 @@ def compress(
         typer.Argument(help="Local HF directory, .gguf file, alias (smollm2-135m, llama2-7b, …) or hub id."),
     ],
     ratio: Annotated[
-        float, typer.Option(help="Fraction of the decoder-block linear parameters to remove, in (0, 1).")
+        str,
+        typer.Option(
+            help="Fraction of the decoder-block linear parameters to remove, in (0, 1); a comma list "
+            "(0.1,0.2,0.3) writes one output per ratio in one pass, under --out."
+        ),
     ],
     max_ram: Annotated[
         str | None, typer.Option(help="Memory budget, e.g. 4GB or 24GiB (default: 80% of available).")
@@ -58,7 +62,29 @@ def compress(
     calib_stream: Annotated[
         str, typer.Option(help="Calibrate each block on the 'compressed' or the 'dense' model's activations.")
     ] = "compressed",
-    sequential: Annotated[bool, typer.Option(help="Fit a block's linear groups one after another.")] = False,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="Fit a block's linear groups one after another (each sees its predecessors compressed)."
+        ),
+    ] = True,
+    fit: Annotated[
+        str | None,
+        typer.Option(
+            help="error-aware: fit each linear to the dense model's outputs from the compressed model's "
+            "inputs (default for rom); local: to its own outputs (SVD-LLM/ROM; default for svd)."
+        ),
+    ] = None,
+    allocation: Annotated[
+        str,
+        typer.Option(
+            help="Rank allocation: auto (global, from a dense pre-pass), uniform, v2 (SVD-LLM V2), "
+            "last-n (LLM-ROM: only the last N blocks)."
+        ),
+    ] = "auto",
+    last_n: Annotated[
+        int | None, typer.Option(help="With --allocation last-n: how many final blocks to compress.")
+    ] = None,
     compute_dtype: Annotated[
         str,
         typer.Option(
@@ -89,15 +115,18 @@ def compress(
     cfg = CompressConfig(
         model=model, ratio=ratio, out=out, max_ram=max_ram, method=method, calib=calib, n_samples=n_samples,
         seq_len=seq_len, seed=seed, data_dir=data_dir, calib_stream=calib_stream, sequential=sequential,
+        fit=fit, allocation=allocation, last_n=last_n,
         threads=threads, overwrite=overwrite, progress=progress, compute_dtype=compute_dtype,
     )  # fmt: skip
-    result = romcomp.api.run(cfg)
-    typer.echo(summary(result))
+    results = romcomp.api.run_many(cfg)
+    for result in results:
+        typer.echo(summary(result) + ("\n" if len(results) > 1 else ""))
     if ppl_windows > 0:
         from romcomp.quality import before_after
 
-        ba = before_after(result.source_dir, result.out, ppl_windows, data_dir=data_dir)
-        typer.echo(ba.line(result.calibration))
+        for result in results:
+            ba = before_after(result.source_dir, result.out, ppl_windows, data_dir=data_dir)
+            typer.echo(f"ratio {result.ratio:g}: " + ba.line(result.calibration))
 
 
 def _register_subcommands() -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from romcomp.errors import BadInputError
 from romcomp.memory import parse_size
-from romcomp.methods import get_method
+from romcomp.methods import CROSS_METHODS, get_method
 
 CALIB_STREAMS = ("compressed", "dense")
+FITS = ("error-aware", "local")
+ALLOCATIONS = ("auto", "uniform", "v2", "last-n")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -19,7 +22,7 @@ class CompressConfig:
     """Everything that defines a run. Defaults: 128 × 512 C4 tokens (the SVD-LLM / GPTQ convention)."""
 
     model: str
-    ratio: float
+    ratio: float | Sequence[float]  # several: one output per ratio (see :meth:`out_paths`)
     out: Path | None = None
     max_ram: str | None = None
     method: str = "rom"
@@ -29,22 +32,64 @@ class CompressConfig:
     seed: int = 0
     data_dir: Path | None = None
     calib_stream: str = "compressed"
-    sequential: bool = False
+    sequential: bool = True
+    fit: str | None = None  # error-aware (default for methods that support it) or local
+    allocation: str = "auto"
+    last_n: int | None = None  # for allocation last-n: compress only the last N blocks (default: fewest)
     compute_dtype: str = "float32"  # calibration forwards; statistics and decompositions stay float32/64
     threads: int | None = None
     overwrite: bool = False
     progress: bool = True
     ranks: dict[str, int] | None = None  # explicit rank map (module name -> rank); overrides allocation
 
+    @property
+    def ratios(self) -> list[float]:
+        return [float(r) for r in (self.ratio if isinstance(self.ratio, Sequence) else [self.ratio])]
+
+    def out_paths(self) -> list[Path]:
+        """One ratio: ``--out`` (default ``<model>-r<ratio>``). Several: ``<out>/<model>-r<ratio>`` each,
+        ``--out`` then naming the parent directory (default: the working directory)."""
+        if len(self.ratios) == 1:
+            return [Path(self.out) if self.out else self.default_out(self.ratios[0])]
+        parent = Path(self.out) if self.out else Path(".")
+        return [parent / self.default_out(r) for r in self.ratios]
+
     def validate(self) -> int | None:
         """Check everything that needs no I/O; returns the parsed ``max_ram`` in bytes (or None)."""
-        if (
-            not isinstance(self.ratio, (int, float))
-            or not math.isfinite(self.ratio)
-            or not 0 < self.ratio < 1
-        ):
-            raise BadInputError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if isinstance(self.ratio, str):
+            self.ratio = parse_ratios(self.ratio)
+        ratios = self.ratio if isinstance(self.ratio, Sequence) else [self.ratio]
+        for r in ratios:
+            if (
+                isinstance(r, bool)
+                or not isinstance(r, (int, float))
+                or not math.isfinite(r)
+                or not 0 < r < 1
+            ):
+                raise BadInputError(f"--ratio must be in (0, 1), got {r}")
+        if not ratios or len(set(ratios)) != len(ratios):
+            raise BadInputError(f"--ratio needs distinct values, got {self.ratio}")
+        if len(ratios) > 1 and self.ranks is not None:
+            raise BadInputError("an explicit rank map fixes one output: give one ratio")
+        if isinstance(self.ratio, Sequence):
+            self.ratio = tuple(float(r) for r in self.ratio) if len(ratios) > 1 else float(ratios[0])
         get_method(self.method)
+        if self.fit is None:
+            self.fit = "error-aware" if self.method in CROSS_METHODS else "local"
+        if self.fit not in FITS:
+            raise BadInputError(f"--fit must be one of {', '.join(FITS)}, got {self.fit}")
+        if self.fit == "error-aware" and self.method not in CROSS_METHODS:
+            raise BadInputError(f"--fit error-aware needs --method {' or '.join(CROSS_METHODS)}")
+        if self.fit == "error-aware" and self.calib_stream != "compressed":
+            raise BadInputError(
+                "--calib-stream dense calibrates without the compressed stream; use --fit local"
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise BadInputError(
+                f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation}"
+            )
+        if self.last_n is not None and (self.allocation != "last-n" or self.last_n < 1):
+            raise BadInputError("--last-n takes a positive number of blocks and needs --allocation last-n")
         if self.calib_stream not in CALIB_STREAMS:
             raise BadInputError(
                 f"--calib-stream must be one of {', '.join(CALIB_STREAMS)}, got {self.calib_stream}"
@@ -60,14 +105,24 @@ class CompressConfig:
             raise BadInputError("--threads must be positive")
         return parse_size(self.max_ram) if self.max_ram else None
 
-    def default_out(self) -> Path:
+    def default_out(self, ratio: float) -> Path:
         """``<model name>-r<ratio>`` in the working directory."""
         stem = Path(self.model.rstrip("/")).name or "model"
-        return Path(f"{stem}-r{self.ratio:g}")
+        return Path(f"{stem}-r{ratio:g}")
 
     def result_args(self) -> dict:
         """The arguments that determine the output bytes (for the resume check)."""
         d = asdict(self)
-        for k in ("model", "out", "max_ram", "data_dir", "threads", "overwrite", "progress"):
+        d["ratios"] = self.ratios
+        for k in ("ratio", "model", "out", "max_ram", "data_dir", "threads", "overwrite", "progress"):
             d.pop(k)
         return d
+
+
+def parse_ratios(text: str) -> float | tuple[float, ...]:
+    """``"0.3"`` or ``"0.1,0.2,0.3"`` (the CLI's ``--ratio``); a malformed list is bad input."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"--ratio takes a number or a comma list of numbers, got '{text}'") from None
+    return values[0] if len(values) == 1 else values

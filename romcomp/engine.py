@@ -1,20 +1,29 @@
-"""The streaming block loop: one decoder block in memory at a time.
+"""The streaming block loop: one decoder block in memory at a time, in stages.
 
-For each block: materialize its tensors from the lazy checkpoint, run the calibration activations through it
-while hooks accumulate input statistics, decompose each linear, swap in the low-rank pair, run the
-compressed (or keep the dense) outputs as the next block's inputs, write the block, free it.
+For each block: materialize its tensors from the lazy checkpoint, then for each stage (a linear group, or
+the whole block) **collect** statistics with hooks while the calibration activations run through it,
+**fit** each linear of the stage, **apply** (swap in the low-rank pair), and finally **propagate**: run the
+block to produce the next block's inputs; write the block, free it.
+
+Activation *streams*: the compressed model's (always) and, for the error-aware fit, the dense model's. A
+stream is one :class:`Boundary` file per block boundary; both are durable before a block counts as done.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from romcomp.activations import Boundary
@@ -22,13 +31,11 @@ from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.errors import RomcompError
 from romcomp.hf.modeling_romcomp import swap_linear
-from romcomp.memory import release_heap
+from romcomp.memory import release_heap, resident_bytes
 from romcomp.methods import Decompose
-from romcomp.stats import collect_input_stats, collect_output_stats
+from romcomp.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
 
-
-class _StopForward(Exception):
-    """Raised by the block-0 pre-hook: we only need the inputs of the first block."""
+FITS = ("error-aware", "local")
 
 
 @dataclass
@@ -40,6 +47,15 @@ class BlockTimes:
 
 
 @dataclass
+class Variant:
+    """One output of a run (one ratio): its rank map and its compressed activation stream."""
+
+    ranks: dict[str, int]
+    source: Boundary | None = None
+    sink: Boundary | None = None
+
+
+@dataclass
 class Engine:
     """State shared by the steps of one run."""
 
@@ -47,12 +63,14 @@ class Engine:
     arch: ArchSpec
     ckpt: LazyCheckpoint
     method: Decompose
-    ranks: dict[str, int]
     out_dtype: torch.dtype
     batch_size: int
     calib_stream: str = "compressed"
     sequential: bool = False
     output_method: Decompose | None = None  # the method's output-statistics variant, if it has one
+    fit: str = "local"  # "error-aware": regress the dense outputs on the compressed inputs (two streams)
+    cross_method: Decompose | None = None  # the error-aware fit (CrossStats -> Factors)
+    refit_dense: bool = False  # error-aware: linears left dense get the full-rank regression M₀ too
     compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
     block_kwargs: dict[int, dict] = field(default_factory=dict)
 
@@ -65,10 +83,11 @@ class Engine:
         return self.model.get_submodule(self.arch.blocks.rpartition(".")[0])
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def capture_inputs(self, windows: torch.Tensor, boundary: Boundary | None) -> None:
+    def capture_inputs(self, windows: torch.Tensor, boundaries: Sequence[Boundary]) -> None:
         """Run embeddings (and mask/rotary set-up) for every batch and keep block 0's inputs and kwargs.
 
-        With ``boundary=None`` only the kwargs are captured (resuming: the activations are on disk).
+        Every stream starts from the same block-0 inputs. With no ``boundaries`` only the kwargs are
+        captured (resuming: the activations are on disk).
         """
         embed_name = f"{self.arch.embed}.weight"
         with self._materialized({embed_name: self.ckpt.get(embed_name).float()}):
@@ -77,20 +96,20 @@ class Engine:
             def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
                 seen["hidden"] = args[0] if args else kwargs["hidden_states"]
                 seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                raise _StopForward
+                raise StopForward
 
             handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
             try:
                 for start, stop in self.batches(windows.shape[0]):
                     size = stop - start
-                    if boundary is None and size in self.block_kwargs:
+                    if not boundaries and size in self.block_kwargs:
                         continue
                     try:
                         self.base(input_ids=windows[start:stop], use_cache=False)
-                    except _StopForward:
+                    except StopForward:
                         pass
                     self.block_kwargs.setdefault(size, seen["kwargs"])
-                    if boundary is not None:
+                    for boundary in boundaries:
                         boundary.write(start, seen["hidden"])
             finally:
                 handle.remove()
@@ -144,14 +163,95 @@ class Engine:
                     sink.write(start, out.float())
 
     def compress_block(
-        self, index: int, source: Boundary, sink: Boundary
-    ) -> tuple[nn.Module, BlockTimes, list[str]]:
-        """Calibrate, decompose and swap the linears of block ``index``; fill ``sink`` with its outputs."""
-        times, notes = BlockTimes(), []
-        block = self.load_block(index)
+        self, index: int, variants: Sequence[Variant], dense_source: Boundary | None = None,
+        dense_sink: Boundary | None = None,
+    ) -> tuple[list[nn.Module], BlockTimes, list[list[str]]]:  # fmt: skip
+        """Collect, fit and apply every stage of block ``index`` for each variant (one per ratio), then
+        propagate: fill each variant's ``sink`` (and ``dense_sink``, the dense model's stream, for the
+        error-aware fit) with the block's outputs. The block is loaded once for all variants."""
+        times = BlockTimes()
+        base = self.load_block(index)
+        # error-aware: ``base`` stays dense for the dense stream; local: the last variant may take it
+        keep_base = self.fit == "error-aware"
+        blocks = [copy.deepcopy(base) for _ in variants[: None if keep_base else -1]]
+        blocks += [] if keep_base else [base]
+        if self.fit == "error-aware":
+            notes = self._fit_error_aware(index, base, blocks, variants, dense_source, times)
+            t0 = time.perf_counter()
+            self.forward(base, dense_source, dense_sink)
+        else:
+            notes = [self._fit_local(index, b, v, times) for b, v in zip(blocks, variants, strict=True)]
+            t0 = time.perf_counter()
+        for block, v in zip(blocks, variants, strict=True):
+            if self.fit == "error-aware" or self.calib_stream == "compressed":
+                self.forward(block, v.source, v.sink)
+        times.forward += time.perf_counter() - t0
+        return blocks, times, notes
+
+    def stages(self) -> list[list[tuple[str, ...]]]:
+        """Linear groups fitted together: one at a time (each sees its predecessors compressed) or all."""
+        return [[g] for g in self.arch.groups] if self.sequential else [list(self.arch.groups)]
+
+    def _fit_error_aware(
+        self, index: int, dense: nn.Module, blocks: list[nn.Module], variants: Sequence[Variant],
+        dense_source: Boundary, times: BlockTimes,
+    ) -> list[list[str]]:  # fmt: skip
+        """Each stage's linears regress the dense block's outputs on the compressed block's inputs.
+
+        Collect runs the dense block on the dense stream once per batch, shared by every variant, and
+        each compressed copy on its own stream; all stop at the stage's last leader.
+        """
         prefix = self.arch.block_prefix(index)
-        stages = [[g] for g in self.arch.groups] if self.sequential else [list(self.arch.groups)]
-        for n_stage, stage in enumerate(stages):
+        notes: list[list[str]] = [[] for _ in variants]
+        for stage in self.stages():
+            names = [prefix + name for group in stage for name in group]
+            active = [
+                j for j, v in enumerate(variants) if self.refit_dense or any(n in v.ranks for n in names)
+            ]
+            if not active:
+                continue  # the whole stage stays dense in every variant: nothing to fit
+            t0 = time.perf_counter()
+            collector = CrossCollector(dense, [blocks[j] for j in active], [g[0] for g in stage], stop=True)
+            try:
+                self._paired_forward(dense, dense_source, [(blocks[j], variants[j].source) for j in active])
+            finally:
+                collector.close()
+            times.forward += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for stats, j in zip(collector.stats, active, strict=True):
+                for group in stage:
+                    for name in group:
+                        if prefix + name in variants[j].ranks:
+                            notes[j] += self._swap(blocks[j], name, prefix + name, stats[group[0]],
+                                                   self.cross_method, variants[j].ranks)  # fmt: skip
+                        elif self.refit_dense:
+                            self._refit(blocks[j], name, stats[group[0]])
+                    stats[group[0]].hat.derived.clear()
+            del collector
+            times.decompose += time.perf_counter() - t0
+        return notes
+
+    def _paired_forward(
+        self, dense: nn.Module, dense_source: Boundary, compressed: list[tuple[nn.Module, Boundary]]
+    ) -> None:
+        """Per batch: the dense forward, then each compressed one (hooks pair inputs; may stop early)."""
+        low = self.compute_dtype != torch.float32
+        with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
+            for start, stop in self.batches(dense_source.shape[0]):
+                kwargs = self.block_kwargs[stop - start]
+                for module, stream in [(dense, dense_source), *compressed]:
+                    try:
+                        module(stream.read(start, stop), **kwargs)
+                    except StopForward:
+                        pass
+
+    def _fit_local(self, index: int, block: nn.Module, variant: Variant, times: BlockTimes) -> list[str]:
+        """Each linear is fitted to its own outputs on the inputs it sees (the compressed stream's, or the
+        dense model's with ``calib_stream='dense'``, whose outputs then go to the sink right away)."""
+        notes: list[str] = []
+        prefix = self.arch.block_prefix(index)
+        ranks = variant.ranks
+        for n_stage, stage in enumerate(self.stages()):
             t0 = time.perf_counter()
             dense_outputs = self.calib_stream == "dense" and n_stage == 0
             by_output = [g for g in stage if self._output_stats_cheaper(block, g)]
@@ -160,25 +260,21 @@ class Engine:
                 collect_input_stats(block, by_input) as stats,
                 collect_output_stats(block, [g[0] for g in by_output]) as out_stats,
             ):
-                self.forward(block, source, sink if dense_outputs else None)
+                self.forward(block, variant.source, variant.sink if dense_outputs else None)
             times.forward += time.perf_counter() - t0
             t0 = time.perf_counter()
             for group in stage:
                 for name in group:
                     full = prefix + name
-                    if full in self.ranks and group in by_output:
-                        notes += self._swap(block, name, full, out_stats[name], self.output_method)
-                    elif full in self.ranks:
-                        notes += self._swap(block, name, full, stats[group[0]], self.method)
+                    if full in ranks and group in by_output:
+                        notes += self._swap(block, name, full, out_stats[name], self.output_method, ranks)
+                    elif full in ranks:
+                        notes += self._swap(block, name, full, stats[group[0]], self.method, ranks)
                 if group[0] in stats:  # the group's whitening root is no longer needed
                     stats[group[0]].derived.clear()
             del stats, out_stats  # covariances are not needed by the compressed forward below
             times.decompose += time.perf_counter() - t0
-        if self.calib_stream == "compressed":
-            t0 = time.perf_counter()
-            self.forward(block, source, sink)
-            times.forward += time.perf_counter() - t0
-        return block, times, notes
+        return notes
 
     def _output_stats_cheaper(self, block: nn.Module, group: Sequence[str]) -> bool:
         """Accumulate output moments for a one-linear group when that is the smaller covariance (and
@@ -188,10 +284,12 @@ class Engine:
         linear = block.get_submodule(group[0])
         return linear.out_features < linear.in_features + int(linear.bias is not None)
 
-    def _swap(self, block: nn.Module, name: str, full: str, stats, method: Decompose) -> list[str]:
+    def _swap(
+        self, block: nn.Module, name: str, full: str, stats, method: Decompose, ranks: dict[str, int]
+    ) -> list[str]:
         linear = block.get_submodule(name)
         factors = method(
-            linear.weight.data, None if linear.bias is None else linear.bias.data, stats, self.ranks[full]
+            linear.weight.data, None if linear.bias is None else linear.bias.data, stats, ranks[full]
         )
         factors.check_finite(full)
         pair = swap_linear(block, name, factors.rank)
@@ -201,6 +299,18 @@ class Engine:
         if factors.bias is not None:
             pair.up.bias.data = factors.bias.to(self.out_dtype).float()
         return [f"{full}: {n}" for n in factors.notes]
+
+    def _refit(self, block: nn.Module, name: str, stats) -> None:
+        """A dense linear replaced by the ridge regression of the dense outputs on its compressed inputs."""
+        from romcomp.methods.error_aware import target_map
+
+        linear = block.get_submodule(name)
+        bias = None if linear.bias is None else linear.bias.data
+        m0 = target_map(linear.weight.data, bias, stats)
+        d_in = linear.in_features
+        linear.weight.data = m0[:, :d_in].to(self.out_dtype).float()
+        if bias is not None:
+            linear.bias.data = m0[:, d_in].to(self.out_dtype).float()
 
     def block_tensors(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
         prefix = self.arch.block_prefix(index)
@@ -217,6 +327,85 @@ class Engine:
         if tied:
             names = [n for n in names if not n.startswith(f"{self.arch.lm_head}.")]
         return names
+
+
+@dataclass
+class Target:
+    """One output directory being written: its :class:`OutputDir`, manifest and rank map."""
+
+    output: Any
+    manifest: Any
+    ranks: dict[str, int]
+
+
+def stream_blocks(engine: Engine, targets: Sequence[Target], windows: torch.Tensor, in_ram: bool,
+                  n_blocks: int, progress: bool) -> dict[int, BlockTimes]:  # fmt: skip
+    """The block loop over one or more outputs in lockstep (one per ratio), resuming after the blocks
+    every manifest records as done. A block counts as done only after its shard and every stream's next
+    boundary are durable; input boundaries are deleted only after every manifest is saved, so a kill
+    between two manifests recomputes that block for all outputs (same bytes). The dense stream lives
+    in the first output's work directory."""
+    times: dict[int, BlockTimes] = {}
+    first = min(min(set(range(n_blocks)) - set(t.manifest.blocks_done), default=n_blocks) for t in targets)
+    if first == n_blocks:
+        return times
+    shape = (windows.shape[0], windows.shape[1], engine.model.config.hidden_size)
+    home = targets[0].output
+
+    def boundaries(index: int, make) -> tuple[Boundary | None, list[Boundary]]:
+        dense = make(home.acts_path(index, "dense")) if engine.fit == "error-aware" else None
+        return dense, [make(t.output.acts_path(index)) for t in targets]
+
+    if first == 0:
+        dense_source, sources = boundaries(0, lambda p: Boundary.create(p, shape, in_ram))
+        starts = [b for b in [dense_source, *sources] if b is not None]
+        engine.capture_inputs(windows, starts)
+        for b in starts:
+            b.commit()
+    else:
+        engine.capture_inputs(windows, [])
+        dense_source, sources = boundaries(first, lambda p: Boundary.load(p, shape, in_ram))
+    bar = tqdm(
+        total=n_blocks, initial=first, desc="blocks", unit="block", disable=not progress, file=sys.stderr
+    )
+    for index in range(first, n_blocks):
+        dense_sink, sinks = boundaries(index + 1, lambda p: Boundary.create(p, shape, in_ram))
+        variants = [Variant(t.ranks, src, snk) for t, src, snk in zip(targets, sources, sinks, strict=True)]
+        blocks, bt, notes = engine.compress_block(index, variants, dense_source, dense_sink)
+        t0 = time.perf_counter()
+        for t, block in zip(targets, blocks, strict=True):
+            t.output.write_shard(index, engine.block_tensors(index, block))
+        for b in [dense_sink, *sinks]:
+            if b is not None:
+                b.commit()
+        bt.write = time.perf_counter() - t0
+        del blocks, variants
+        engine.free_block(index)
+        olds = [b for b in [dense_source, *sources] if b is not None]
+        for b in olds:
+            b.release()
+        bt.rss, rss_anon = resident_bytes()
+        for t, block_notes in zip(targets, notes, strict=True):
+            if index in t.manifest.blocks_done:
+                continue  # recomputed after a kill between two manifests: same bytes, already recorded
+            t.manifest.blocks_done.append(index)
+            if block_notes:
+                t.manifest.notes[str(index)] = block_notes
+            t.manifest.block_times[str(index)] = {
+                "forward": round(bt.forward, 3), "decompose": round(bt.decompose, 3),
+                "write": round(bt.write, 3), "rss": bt.rss, "rss_anon": rss_anon,
+            }  # fmt: skip
+            t.output.save_manifest(t.manifest)
+        for b in olds:
+            os.remove(b.path)
+        times[index] = bt
+        dense_source, sources = dense_sink, sinks
+        bar.update(1)
+    bar.close()
+    for b in [dense_source, *sources]:
+        if b is not None:
+            b.release()
+    return times
 
 
 def build_shell(hf_config) -> nn.Module:

@@ -58,6 +58,7 @@ class ModelDims:
     block_params: int
     linear_shapes: tuple[tuple[int, int], ...]  # (d_in, d_out) of each block linear
     cov_dims: tuple[int, ...]  # width of each accumulated covariance (group input, or a narrow output)
+    linear_inputs: tuple[int, ...] = ()  # input width of each group (the error-aware fit's accumulators)
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,28 @@ TEMPORARIES = "forward temporaries"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 
 
-def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool) -> dict[str, int]:
-    """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase."""
+def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool,
+             streams: int = 1) -> dict[str, int]:  # fmt: skip
+    """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase.
+
+    ``streams=2`` (error-aware fit): two activation streams, a dense copy of the block, and per group a
+    cross moment beside the second moment, one group at a time (the fit is sequential) — or all groups.
+    """
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
-    act = 2 * (n_samples if in_ram else batch) * token_bytes  # input + output streams
+    act = 2 * streams * (n_samples if in_ram else batch) * token_bytes  # input + output of each stream
     # per linear: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem
     workspace = max(
         4 * min(shape) ** 2 * f64 + 3 * max(shape) * min(shape) * f64 for shape in dims.linear_shapes
     )
     return {
         "runtime": RUNTIME_BASELINE,
-        "block weights (source + fp32 + factors)": 3 * dims.block_params * f32,
-        "covariances (float64)": sum((d + 1) ** 2 for d in dims.cov_dims) * f64,
+        "block weights (source + fp32 + factors)": (3 + streams - 1) * dims.block_params * f32,
+        "covariances (float64)": (
+            sum((d + 1) ** 2 for d in dims.cov_dims) * f64
+            if streams == 1
+            else 2 * sum((d + 1) ** 2 for d in dims.linear_inputs) * f64
+        ),
         WORKSPACE: workspace,
         "activation cache": act,
         TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
@@ -110,12 +120,12 @@ def peak_bytes(parts: dict[str, int]) -> int:
     return max(block_phase, parts["runtime"] + parts["activation cache"] + parts[TOP_LEVEL])
 
 
-def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int) -> MemoryPlan:
+def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: int = 1) -> MemoryPlan:
     """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum."""
     best: tuple[int, dict[str, int]] | None = None
     for in_ram in (True, False):
         for batch in BATCH_CHOICES:
-            parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram)
+            parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams)
             total = peak_bytes(parts)
             if total <= budget:
                 return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts)

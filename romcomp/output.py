@@ -158,8 +158,11 @@ class OutputDir:
     def save_manifest(self, manifest: Manifest) -> None:
         atomic_write_json(self.work / MANIFEST, manifest.to_json())
 
-    def acts_path(self, boundary: int) -> Path:
-        return self.work / f"acts-{boundary:05d}.bin"
+    def acts_path(self, boundary: int, stream: str = "compressed") -> Path:
+        """The activation file of one stream at one block boundary (the compressed stream keeps the
+        historical name)."""
+        tag = "" if stream == "compressed" else f"{stream}-"
+        return self.work / f"acts-{tag}{boundary:05d}.bin"
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
         path = self.out / shard_name(index, self.total_shards)

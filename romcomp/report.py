@@ -30,6 +30,25 @@ def rank_table(result: CompressResult) -> list[str]:
     return lines
 
 
+def allocation_map(result: CompressResult) -> list[str]:
+    """Matrix type × depth at a glance: one character per block, the share of the matrix's parameters
+    kept in tenths (``0``–``9``; ``9`` also for 90–100%) or ``D`` where it stayed dense."""
+    by_kind: dict[str, dict[int, str]] = defaultdict(dict)
+    blocks: set[int] = set()
+    for s in result.shapes:
+        head, kind = s.name.rsplit(".", 1)
+        index = int(next(part for part in reversed(head.split(".")) if part.isdigit()))
+        blocks.add(index)
+        rank = result.ranks.get(s.name)
+        cell = "D" if rank is None else str(min(9, int(10 * s.factored_params(rank) / s.dense_params)))
+        by_kind[kind][index] = cell
+    order = sorted(blocks)
+    lines = [f"{'kept/10':<10} blocks {order[0]}..{order[-1]} (D = dense)"]
+    for kind, cells in by_kind.items():
+        lines.append(f"{kind:<10} " + "".join(cells.get(i, "?") for i in order))
+    return lines
+
+
 def summary(result: CompressResult) -> str:
     """The full summary block printed at the end of ``romcomp MODEL``."""
     bt = result.block_times.values()
@@ -38,10 +57,13 @@ def summary(result: CompressResult) -> str:
     lines = [
         f"source       {result.source}",
         f"calibration  {result.calibration}",
-        f"method       {result.method}, ratio {result.ratio:g} ({result.allocation} ranks); "
+        f"method       {result.method} ({result.fit} fit), ratio {result.ratio:g} "
+        f"({result.allocation} ranks); "
         f"block linears removed: {result.linear_ratio_removed:.2%}",
         "",
         *rank_table(result),
+        "",
+        *allocation_map(result),
         "",
         f"{'':<22} {'before':>14} {'after':>14} {'change':>8}",
         f"{'parameters (model)':<22} {result.params_before:>14,} {result.params_after:>14,} "

@@ -19,10 +19,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from romcomp.methods.base import InputStats
+from romcomp.methods.base import CrossStats, InputStats
 from romcomp.methods.linalg import syrk_upper
 
 CHUNK = 4096
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once every input a pass needs is seen: the rest of the block is skipped."""
 
 
 def accumulate(stats: InputStats, x: torch.Tensor) -> None:
@@ -74,3 +78,62 @@ def collect_output_stats(
         return linear.register_forward_hook(lambda _m, _args, out: accumulate(acc, out.detach()))
 
     return _collect(block, names, lambda linear: linear.out_features, register)
+
+
+def accumulate_cross(stats: CrossStats, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """Add paired dense inputs ``x`` and compressed inputs ``x̂`` of the same tokens to ``stats``.
+
+    The cross product is a float32 GEMM per chunk (``Σ x x̂ᵀ`` is not symmetric, so no ``syrk``), summed
+    in float64 like the second moments.
+    """
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x_hat = x_hat.reshape(-1, x_hat.shape[-1]).to(torch.float32)
+    for start in range(0, x.shape[0], CHUNK):
+        stats.cross += (x[start : start + CHUNK].T @ x_hat[start : start + CHUNK]).double()
+        stats.xsum += x[start : start + CHUNK].sum(dim=0, dtype=torch.float64)
+    accumulate(stats.hat, x_hat)
+
+
+class CrossCollector:
+    """Paired input statistics of the leaders of some linear groups: a dense block against one or more
+    compressed copies of it (one per ratio of a multi-ratio run).
+
+    For each batch the engine runs the dense block on the dense stream, then each compressed block on its
+    own compressed stream; the dense hook parks each leader's input, each compressed hook pairs it with
+    its own input of the same tokens and accumulates. With ``stop`` a forward ends (:class:`StopForward`)
+    once the last leader's input is seen, so the layers after it are not computed.
+    """
+
+    def __init__(self, dense: nn.Module, blocks: Sequence[nn.Module], leaders: Sequence[str], stop: bool):
+        self.stats = [
+            {n: CrossStats.zeros(block.get_submodule(n).in_features) for n in leaders} for block in blocks
+        ]
+        self.pending: dict[str, torch.Tensor] = {}
+        self.handles: list[RemovableHandle] = []
+        last = leaders[-1] if stop else None
+        for name in leaders:
+            self.handles.append(dense.get_submodule(name).register_forward_pre_hook(self._park(name, last)))
+            for j, block in enumerate(blocks):
+                linear = block.get_submodule(name)
+                self.handles.append(linear.register_forward_pre_hook(self._pair(j, name, last)))
+
+    def _park(self, name: str, last: str | None) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            self.pending[name] = args[0].detach().to(torch.float32)
+            if name == last:
+                raise StopForward
+
+        return hook
+
+    def _pair(self, j: int, name: str, last: str | None) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            accumulate_cross(self.stats[j][name], self.pending[name], args[0].detach())
+            if name == last:
+                raise StopForward
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.pending.clear()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,88 @@ from romcomp.errors import RomcompError
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data"
 REAL_DATA = DATA_DIR
-needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=true`` and the like): there the shared data must be present."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_real_data(what: str) -> None:
+    """A test that needs real data it cannot find: skipped locally, a FAILURE under CI (``$CI`` set)."""
+    message = f"{what} not found; the real data sets are expected in {DATA_DIR}, beside the repository"
+    if in_ci():
+        pytest.fail(f"{message}; CI is set, so missing real data is an error, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """``../shared/data``: only for tests about the real data sets (calibration sets, evaluation, SmolLM2)."""
+    if not DATA_DIR.is_dir():
+        missing_real_data("the shared data directory")
+    return DATA_DIR
+
+
+needs_real_data = pytest.mark.usefixtures("data_dir")
+"""Marks a test that reads :data:`REAL_DATA` directly: skipped without it, failed under CI."""
+
+CALIB_WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there one all we their been has would when if more will so no out up into "
+    "than them can only other time new some could these two may first then do any like my now over such "
+    "our man me even most made after also did many before must through back years where much your way "
+    "well down should because each just those people how too little state good very make world still own "
+    "see men work long get here between both life being under never day same another know while last might "
+    "us great old year off come since against go came right used take three river city music history "
+    "mountain winter garden village market letter station island church forest council engine harbour "
+    "season company building language theory animal summer bridge family school student water light road"
+).split()
+
+
+def calibration_text(n_bytes: int = 300_000, seed: int = 0) -> str:
+    """Deterministic English-like prose: paragraphs of capitalized sentences from a seeded word list.
+
+    Paragraphs are 400-2000 characters and separated by blank lines, so a ``.txt`` file of it is a
+    document corpus whose documents hold several 32-64 byte-token windows each.
+    """
+    rng = random.Random(seed)
+    paragraphs, size = [], 0
+    while size < n_bytes:
+        sentences, length = [], 0
+        target = rng.randint(400, 2000)
+        while length < target:
+            words = rng.choices(CALIB_WORDS, k=rng.randint(5, 18))
+            if rng.random() < 0.2:
+                words.insert(rng.randrange(len(words)), str(rng.randint(2, 2024)))
+            sentence = " ".join(words)
+            sentence = sentence[0].upper() + sentence[1:] + rng.choice(".....?!;")
+            sentences.append(sentence)
+            length += len(sentence) + 1
+        paragraph = " ".join(sentences)
+        paragraphs.append(paragraph)
+        size += len(paragraph) + 2
+    return "\n\n".join(paragraphs) + "\n"
+
+
+@pytest.fixture(scope="session")
+def calib_text():
+    """A temporary plain-text calibration file (~300 KB) for tiny-model runs: no dependence on ../shared/data.
+
+    The calibration loader refuses a path containing 'test' (test splits); pytest's own temporary
+    directories are named after pytest and the test, so the file lives in a directory of its own.
+    """
+    for _ in range(20):
+        root = Path(tempfile.mkdtemp(prefix="romcomp-calib-"))
+        if "test" not in str(root).lower():
+            break
+        shutil.rmtree(root)
+    else:
+        pytest.fail(f"no temporary directory without 'test' in its path (TMPDIR={tempfile.gettempdir()})")
+    path = root / "calib-english.txt"
+    path.write_text(calibration_text(), encoding="utf-8")
+    yield path
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def byte_tokenizer():
@@ -68,13 +152,6 @@ def make_tiny_model(
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not DATA_DIR.exists():
-        pytest.skip(f"shared data not found at {DATA_DIR}")
-    return DATA_DIR
-
-
-@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
 
@@ -115,9 +192,11 @@ def smol_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def compressed(smol_dir, tmp_path_factory) -> tuple[Path, str]:
-    """One CLI run of real SmolLM2-135M at ratio 0.2 (16 x 512 C4): shared by the real-model tests."""
+def compressed(smol_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
+    """One CLI run of real SmolLM2-135M at ratio 0.2 (16 x 512 C4): shared by the real-model tests.
+
+    Calibrated on the real C4 sample (``data_dir``: skipped without it locally, a failure under CI)."""
     out = tmp_path_factory.mktemp("smol") / "smol-r0.2"
-    proc = romcomp_cli("smollm2-135m", *ARGS, "--out", str(out))
+    proc = romcomp_cli("smollm2-135m", *ARGS, "--data-dir", str(data_dir), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout

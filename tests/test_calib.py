@@ -24,7 +24,7 @@ from calib import (
 )
 from romcomp.errors import BadInputError, RomcompError
 from romcomp.paths import REPO_ROOT
-from tests.conftest import REAL_DATA, byte_tokenizer, needs_real_data
+from tests.conftest import REAL_DATA, byte_tokenizer, missing_real_data, needs_real_data
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_c4_calibration_never_sees_the_held_out_documents() -> None:
 
     root = resolve_data_dir()
     if root is None or not (root / "c4" / "c4_en_train_sample_1000.jsonl").exists():
-        pytest.skip("shared data not available")
+        missing_real_data(f"the C4 sample {(root or REAL_DATA) / 'c4' / 'c4_en_train_sample_1000.jsonl'}")
     lines = (root / "c4" / "c4_en_train_sample_1000.jsonl").read_text(encoding="utf-8").splitlines()
     held_out = {_json.loads(line)["text"] for line in lines[C4_CALIB_DOCS:] if line.strip()}
     source = load_calibration("c4")

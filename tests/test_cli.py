@@ -50,10 +50,11 @@ def bad_cases(tiny: Path, gpt2: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, gpt2_dir, tmp_path, data_dir):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, gpt2_dir, tmp_path, calib_text):
     for args, message in bad_cases(tiny_llama, gpt2_dir):
         out = tmp_path / "out"
-        proc = cli(*args, "--out", str(out), "--data-dir", str(data_dir), cwd=REPO)
+        # a valid calibration file first, so that only the bad argument can fail (a later --calib wins)
+        proc = cli(args[0], "--calib", str(calib_text), *args[1:], "--out", str(out), cwd=REPO)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("romcomp: error:") and message in lines[0], (
@@ -75,9 +76,9 @@ def test_help_shows_examples(tmp_path):
     assert top.returncode == 0 and "compress" in top.stdout
 
 
-def test_cli_compresses_tiny_model_and_second_run_is_refused(tiny_llama, tmp_path, data_dir):
+def test_cli_compresses_tiny_model_and_second_run_is_refused(tiny_llama, tmp_path, calib_text):
     out = tmp_path / "out"
-    common = ["--out", str(out), "--data-dir", str(data_dir), "--n-samples", "4", "--seq-len", "32"]
+    common = ["--out", str(out), "--calib", str(calib_text), "--n-samples", "4", "--seq-len", "32"]
     ok = cli(str(tiny_llama), "--ratio", "0.3", *common, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["romcomp"]["ratio"] == 0.3

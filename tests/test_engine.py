@@ -19,6 +19,12 @@ from romcomp.errors import BadInputError, RomcompError
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
 
 
+@pytest.fixture
+def calib(calib_text: Path) -> str:
+    """The generated calibration text (conftest): tiny-model runs do not need ../shared/data."""
+    return str(calib_text)
+
+
 def logits(model_dir: Path, ids: torch.Tensor, **kw) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw)
     with torch.inference_mode():
@@ -36,10 +42,11 @@ def full_ranks(model_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
-def test_full_rank_rom_reproduces_logits(fixture, request, tmp_path, data_dir):
+def test_full_rank_rom_reproduces_logits(fixture, request, tmp_path, calib):
     src = request.getfixturevalue(fixture)
     out = tmp_path / "out"
-    run(CompressConfig(model=str(src), ratio=0.5, out=out, data_dir=data_dir, ranks=full_ranks(src), **SMALL))
+    run(CompressConfig(model=str(src), ratio=0.5, out=out, calib=calib, ranks=full_ranks(src), fit="local",
+                       **SMALL))  # fmt: skip
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     dense = logits(src, ids)
     compressed = logits(out, ids, trust_remote_code=True)
@@ -47,9 +54,11 @@ def test_full_rank_rom_reproduces_logits(fixture, request, tmp_path, data_dir):
     torch.testing.assert_close(compressed, dense, rtol=1e-4, atol=2e-4)
 
 
-def test_output_loads_without_missing_keys_and_generates(tiny_qwen2, tmp_path, data_dir):
+def test_output_loads_without_missing_keys_and_generates(tiny_qwen2, tmp_path, calib):
     out = tmp_path / "out"
-    result = run(CompressConfig(model=str(tiny_qwen2), ratio=0.4, out=out, data_dir=data_dir, **SMALL))
+    result = run(
+        CompressConfig(model=str(tiny_qwen2), ratio=0.4, out=out, calib=calib, allocation="uniform", **SMALL)
+    )
     model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert model.num_parameters() == result.params_after < result.params_before
@@ -58,23 +67,23 @@ def test_output_loads_without_missing_keys_and_generates(tiny_qwen2, tmp_path, d
     assert type(layer).__name__ == "LowRankLinear" and layer.up.bias is not None  # Qwen2 q/k/v bias kept
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "romcomp_qwen2" and config["romcomp"]["ranks"] == result.ranks
-    assert "c4" in config["romcomp"]["calibration"]
+    assert "calib-english.txt" in config["romcomp"]["calibration"]
     generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 8)
     assert abs(result.linear_ratio_removed - 0.4) < 0.02
 
 
-def test_dense_loading_fails_loudly(tiny_llama, tmp_path, data_dir):
+def test_dense_loading_fails_loudly(tiny_llama, tmp_path, calib):
     out = tmp_path / "out"
-    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
     code = f"from transformers import AutoModelForCausalLM as M; M.from_pretrained({str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "trust_remote_code" in proc.stderr
 
 
-def test_registered_auto_classes_load_without_remote_code(tiny_llama, tmp_path, data_dir):
+def test_registered_auto_classes_load_without_remote_code(tiny_llama, tmp_path, calib):
     out = tmp_path / "out"
-    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
     assert romcomp.__version__
     model = AutoModelForCausalLM.from_pretrained(out)  # works because `import romcomp` registered the classes
     assert type(model).__name__ == "RomcompLlamaForCausalLM"
@@ -84,8 +93,9 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
-def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, data_dir, monkeypatch):
-    cfg = dict(model=str(tiny_llama), ratio=0.3, data_dir=data_dir, **SMALL)
+def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, calib, monkeypatch):
+    # uniform ranks: no dense pre-pass, so free_block counts main-pass blocks (kill tests cover the default)
+    cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, allocation="uniform", **SMALL)
     run(CompressConfig(out=tmp_path / "a", **cfg))
     from romcomp.engine import Engine
 
@@ -110,31 +120,27 @@ def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, data_dir,
     assert not list((tmp_path / "b" / ".romcomp").glob("acts-*"))  # work files cleaned up
 
 
-def test_rerun_with_other_arguments_is_refused(tiny_llama, tmp_path, data_dir):
+def test_rerun_with_other_arguments_is_refused(tiny_llama, tmp_path, calib):
     out = tmp_path / "out"
-    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
-    again = run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+    run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
+    again = run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
     assert again.resumed_blocks == 3  # complete: nothing recomputed
     with pytest.raises(BadInputError, match="different arguments .*ratio"):
-        run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, data_dir=data_dir, **SMALL))
-    run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, data_dir=data_dir, overwrite=True, **SMALL))
+        run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, calib=calib, **SMALL))
+    run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, calib=calib, overwrite=True, **SMALL))
     assert json.loads((out / "config.json").read_text())["romcomp"]["ratio"] == 0.4
 
 
-def test_foreign_directory_is_never_overwritten(tiny_llama, tmp_path, data_dir):
+def test_foreign_directory_is_never_overwritten(tiny_llama, tmp_path, calib):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     with pytest.raises(BadInputError, match="not a romcomp output"):
-        run(
-            CompressConfig(
-                model=str(tiny_llama), ratio=0.3, out=out, data_dir=data_dir, overwrite=True, **SMALL
-            )
-        )
+        run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, overwrite=True, **SMALL))
     assert (out / "notes.txt").read_text() == "precious"
 
 
-def test_source_change_refuses_resume(tmp_path, data_dir, monkeypatch):
+def test_source_change_refuses_resume(tmp_path, calib, monkeypatch):
     from tests.conftest import make_tiny_model
 
     src = make_tiny_model(tmp_path / "src", "llama")
@@ -143,24 +149,24 @@ def test_source_change_refuses_resume(tmp_path, data_dir, monkeypatch):
 
     monkeypatch.setattr(Engine, "free_block", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        run(CompressConfig(model=str(src), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+        run(CompressConfig(model=str(src), ratio=0.3, out=out, calib=calib, **SMALL))
     monkeypatch.undo()
     make_tiny_model(src, "llama", seed=1)  # rewrite the checkpoint with other weights
     with pytest.raises(RomcompError, match="source checkpoint changed"):
-        run(CompressConfig(model=str(src), ratio=0.3, out=out, data_dir=data_dir, **SMALL))
+        run(CompressConfig(model=str(src), ratio=0.3, out=out, calib=calib, **SMALL))
 
 
-def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, data_dir, monkeypatch):
+def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, calib, monkeypatch):
     """The disk-spilling plan computes exactly what the in-RAM plan computes."""
     import romcomp.api as api
     from romcomp import memory
 
-    cfg = dict(model=str(tiny_llama), ratio=0.3, data_dir=data_dir, **SMALL)
+    cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, **SMALL)
     run(CompressConfig(out=tmp_path / "ram", **cfg))
     real_plan = memory.plan
 
-    def spill(dims, n, seq, budget):
-        p = real_plan(dims, n, seq, budget)
+    def spill(dims, n, seq, budget, **kw):
+        p = real_plan(dims, n, seq, budget, **kw)
         return memory.MemoryPlan(p.budget, p.estimate, p.batch_size, False, p.parts)
 
     monkeypatch.setattr(api, "plan", spill)
@@ -169,13 +175,13 @@ def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, data_di
     assert _files(tmp_path / "ram") == _files(tmp_path / "disk")
 
 
-def test_disk_full_while_writing_a_block_loses_nothing(tiny_llama, tmp_path, data_dir, monkeypatch):
+def test_disk_full_while_writing_a_block_loses_nothing(tiny_llama, tmp_path, calib, monkeypatch):
     """ENOSPC in the middle of a shard write: clear OSError, the block is not recorded, the run resumes."""
     import errno
 
     import romcomp.checkpoint as checkpoint
 
-    cfg = dict(model=str(tiny_llama), ratio=0.3, data_dir=data_dir, **SMALL)
+    cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, allocation="uniform", **SMALL)  # no pre-pass
     run(CompressConfig(out=tmp_path / "a", **cfg))
     real_save, calls = checkpoint.save_file, []
 

@@ -43,8 +43,8 @@ def _no_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(calib, "calibration_windows", lambda *a, **k: pytest.fail("calibration started"))
 
 
-def _compress(src: Path, out: Path, data_dir: Path, **kw) -> None:
-    run(CompressConfig(model=str(src), ratio=0.3, out=out, data_dir=data_dir, **{**SMALL, **kw}))
+def _compress(src: Path, out: Path, calib_text: Path, **kw) -> None:
+    run(CompressConfig(model=str(src), ratio=0.3, out=out, calib=str(calib_text), **{**SMALL, **kw}))
 
 
 NAME = "model.layers.1.mlp.up_proj.weight"
@@ -94,40 +94,44 @@ def _wrong_shape(src: Path) -> str:
     ids=["truncated", "garbage-header", "missing-index-entry", "misrouted-entry", "int-dtype", "shape"],
 )
 def test_damaged_checkpoint_is_refused_before_calibration(
-    damage, src: Path, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    damage, src: Path, tmp_path: Path, calib_text: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = damage(src)
     _no_calibration(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(RomcompError) as err:
-        _compress(src, out, data_dir)
+        _compress(src, out, calib_text)
     message = str(err.value)
     assert expected in message and "\n" not in message
     assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
 
 
+@pytest.mark.parametrize("allocation,done", [("uniform", [0]), ("auto", [])])
 def test_nan_weight_stops_at_its_block_and_nothing_later_is_recorded(
-    src: Path, tmp_path: Path, data_dir: Path
+    src: Path, tmp_path: Path, calib_text: Path, allocation: str, done: list[int]
 ) -> None:
+    """Uniform ranks: the main pass stops at block 1 with block 0 done. Auto: the dense pre-pass meets the
+    NaN first, so no rank map is fixed and no block is recorded."""
     _rewrite(_shard_of(src, NAME), lambda t: t[NAME].__setitem__((3, 5), float("nan")))
     out = tmp_path / "out"
     with pytest.raises(RomcompError, match=rf"tensor '{NAME}' in .* contains NaN or Inf"):
-        _compress(src, out, data_dir)
+        _compress(src, out, calib_text, allocation=allocation)
     manifest = json.loads((out / ".romcomp" / "manifest.json").read_text())
-    assert manifest["blocks_done"] == [0] and manifest["status"] != "complete"
+    assert manifest["blocks_done"] == done and manifest["status"] != "complete"
+    assert bool(manifest["ranks"]) == (allocation == "uniform")
     assert not (out / "config.json").exists()
 
 
-def test_overflowing_activations_are_reported(src: Path, tmp_path: Path, data_dir: Path) -> None:
+def test_overflowing_activations_are_reported(src: Path, tmp_path: Path, calib_text: Path) -> None:
     """Finite weights whose product overflows float32: the block output check names the samples."""
     norm = "model.layers.0.post_attention_layernorm.weight"
     _rewrite(_shard_of(src, norm), lambda t: t[norm].fill_(3e38))
     with pytest.raises(RomcompError, match="non-finite activations after block"):
-        _compress(src, tmp_path / "out", data_dir)
+        _compress(src, tmp_path / "out", calib_text)
 
 
 def test_second_run_while_the_first_is_writing_is_refused(
-    src: Path, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    src: Path, tmp_path: Path, calib_text: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While a run is between blocks, the same command from a second process exits with the lock error
     and writes nothing; the first run then finishes normally."""
@@ -148,8 +152,8 @@ def test_second_run_while_the_first_is_writing_is_refused(
                     "0.3",
                     "--out",
                     str(out),
-                    "--data-dir",
-                    str(data_dir),
+                    "--calib",
+                    str(calib_text),
                     "--n-samples",
                     "8",
                     "--seq-len",
@@ -160,21 +164,21 @@ def test_second_run_while_the_first_is_writing_is_refused(
             assert sorted(p.name for p in out.iterdir()) == before  # fmt: skip
 
     monkeypatch.setattr(Engine, "free_block", start_second_run)
-    _compress(src, out, data_dir)
+    _compress(src, out, calib_text)
     (proc,) = second
     assert proc.returncode == 1 and "another romcomp run is writing to" in proc.stderr, proc.stderr
     assert (out / "config.json").exists()
 
 
 def test_degenerate_covariances_give_finite_factors_and_manifest_notes(
-    src: Path, tmp_path: Path, data_dir: Path
+    src: Path, tmp_path: Path, calib_text: Path
 ) -> None:
     """8 calibration tokens for 64/160-wide inputs (rank <= 8) and zeroed weight columns: the ranks (~30)
     exceed the data's rank; the singular covariances get a recorded Cholesky jitter, factors finite."""
     up = "model.layers.0.mlp.down_proj.weight"
     _rewrite(_shard_of(src, up), lambda t: t[up][:, :7].zero_())
     out = tmp_path / "out"
-    _compress(src, out, data_dir, n_samples=1, seq_len=8)
+    _compress(src, out, calib_text, n_samples=1, seq_len=8)
     manifest = json.loads((out / ".romcomp" / "manifest.json").read_text())
     notes = [note for block in manifest["notes"].values() for note in block]
     assert any("singular input covariance: added" in note for note in notes), manifest["notes"]

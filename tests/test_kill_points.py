@@ -30,11 +30,14 @@ def counting(fn):
         return fn(*a, **k)
     return wrapper
 
-import romcomp.methods as methods, romcomp.stats as stats
+import romcomp.methods as methods, romcomp.profile as profile, romcomp.stats as stats
 if point == "calibration":
     stats.accumulate = counting(stats.accumulate)
-elif point == "decomposition":
+elif point == "decomposition":  # the default error-aware fit (and local ROM, for other options)
+    methods.CROSS_METHODS["rom"] = counting(methods.CROSS_METHODS["rom"])
     methods.METHODS["rom"] = counting(methods.METHODS["rom"])
+elif point == "profile":  # the dense pre-pass of the auto allocation
+    profile.output_spectrum = counting(profile.output_spectrum)
 else:  # a rename: the file is fully written under its temporary name, the rename never happens
     suffix = {"shard": ".safetensors", "index": ".index.json", "config": "/config.json"}[point]
     real_replace = os.replace
@@ -51,11 +54,11 @@ ARGS = ["--ratio", "0.3", "--n-samples", "8", "--seq-len", "64", "--no-progress"
 
 
 @pytest.fixture(scope="module")
-def killable(tmp_path_factory, data_dir) -> tuple[Path, list[str], dict[str, bytes]]:
+def killable(tmp_path_factory, calib_text) -> tuple[Path, list[str], dict[str, bytes]]:
     """A 4-block tiny model, the CLI arguments, and the bytes of its uninterrupted output."""
     root = tmp_path_factory.mktemp("kill")
     src = make_tiny_model(root / "src", "llama", layers=4)
-    args = [str(src), *ARGS, "--data-dir", str(data_dir)]
+    args = [str(src), *ARGS, "--calib", str(calib_text)]
     ref = root / "reference"
     proc = romcomp_cli(*args, "--out", str(ref))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -69,8 +72,9 @@ def _files(out: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "point,nth",
     [
-        ("calibration", 9),  # block 2's statistics (four accumulators per block, one batch)
-        ("decomposition", 10),  # block 1, after block 0 is recorded done
+        ("profile", 10),  # the dense pre-pass, block 1 (seven linears per block)
+        ("calibration", 22),  # main pass, block 2 (the pre-pass accumulates 16 times, blocks 0-1 four)
+        ("decomposition", 7),  # main pass, block 2 (blocks 0 and 1 fit six compressed linears)
         ("shard", 3),  # block 2's shard written under .tmp, not renamed
         ("index", 1),  # every shard done, the index written but not renamed
         ("config", 1),  # the very last rename

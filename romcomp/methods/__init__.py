@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from romcomp.errors import BadInputError
-from romcomp.methods import rom, svd
+from romcomp.methods import error_aware, rom, svd
 from romcomp.methods.base import Factors, InputStats
 
 Decompose = Callable[[torch.Tensor, "torch.Tensor | None", InputStats, int], Factors]
@@ -20,6 +20,10 @@ METHODS: dict[str, Decompose] = {
 
 OUTPUT_METHODS: dict[str, Decompose] = {"rom": rom.decompose_outputs}
 """Methods that can work from the second moment of a linear's outputs (cheaper when d_out < d_in)."""
+
+
+CROSS_METHODS: dict[str, Decompose] = {"rom": error_aware.decompose}
+"""Methods with an error-aware variant (paired dense/compressed statistics: :class:`CrossStats`)."""
 
 
 def get_output_method(name: str) -> Decompose | None:
@@ -35,4 +39,12 @@ def get_method(name: str) -> Decompose:
         raise BadInputError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "OUTPUT_METHODS", "Factors", "InputStats", "get_method", "get_output_method"]
+__all__ = [
+    "CROSS_METHODS",
+    "METHODS",
+    "OUTPUT_METHODS",
+    "Factors",
+    "InputStats",
+    "get_method",
+    "get_output_method",
+]

@@ -71,3 +71,29 @@ class Factors:
                 from romcomp.errors import RomcompError
 
                 raise RomcompError(f"non-finite values in the {label} factor of {name}")
+
+
+@dataclass
+class CrossStats:
+    """Paired statistics of one linear's inputs in two activation streams, accumulated in float64.
+
+    ``hat`` holds the moments of the *compressed* model's inputs ``x̂`` (what the fitted layer will see);
+    ``cross`` is ``Σ x x̂ᵀ`` against the *dense* model's inputs ``x`` of the same tokens, and ``xsum`` is
+    ``Σ x``. That is all an error-aware fit needs: the dense outputs ``W x`` are never stored.
+    """
+
+    hat: InputStats
+    cross: torch.Tensor
+    xsum: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int) -> CrossStats:
+        return cls(
+            InputStats.zeros(dim),
+            torch.zeros(dim, dim, dtype=torch.float64),
+            torch.zeros(dim, dtype=torch.float64),
+        )
+
+    @property
+    def count(self) -> int:
+        return self.hat.count

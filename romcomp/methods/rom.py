@@ -78,5 +78,6 @@ def decompose_outputs(
     ``out_stats`` holds ``Σ y yᵀ`` over the calibration tokens, i.e. exactly ``W̃ Σ̃ W̃ᵀ`` (bias included),
     so the factors equal :func:`decompose`'s up to round-off and the sign of each basis vector.
     """
-    basis = top_eigvecs(out_stats.xtx, rank, upper=True)  # eigenvectors of the sum = of the mean
-    return project(basis, weight, bias)
+    notes: list[str] = []
+    basis = top_eigvecs(out_stats.xtx, rank, upper=True, notes=notes)  # eigenvectors of the sum = of the mean
+    return project(basis, weight, bias, notes)

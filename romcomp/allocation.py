@@ -1,0 +1,152 @@
+"""Rank allocation: how the parameter budget of ``--ratio`` is spread over the block linears.
+
+All functions are pure: shapes (and, for the data-driven schemes, each linear's output spectrum from the
+dense pre-pass, :mod:`romcomp.profile`) in, ``{linear name: rank}`` out; a linear absent from the map
+stays dense. Ratio convention (SVD-LLM's): ``ratio`` is the fraction of block-linear parameters removed.
+
+- ``uniform``: every linear at the same per-matrix ratio (SVD-LLM, ROM).
+- ``last-n``: only the last N blocks, at the per-matrix ratio that removes the same total (LLM-ROM).
+- ``v2``: SVD-LLM V2's heterogeneous ratios: within each matrix type, a ratio inversely proportional to
+  the log of the matrix's theoretical truncation loss at the uniform ratio.
+- ``auto``: one global budget, spent direction by direction where the estimated damage to the residual
+  stream per parameter is lowest, across types and depth; a matrix whose rank reaches break-even is kept
+  dense (it then costs no more than its factors would).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from romcomp.errors import BadInputError
+from romcomp.ranks import LinearShape, allocate_uniform, linear_params, uniform_rank
+
+
+@dataclass
+class LinearSpectrum:
+    """What the dense pre-pass measured for one linear.
+
+    ``eigvals``: eigenvalues (descending, float64) of the output second moment ``W̃ Σ̃ W̃ᵀ`` per token
+    (``λ_{k+1} + …`` is what rank ``k`` discards under local ROM). ``weight``: converts discarded output
+    energy into damage to the residual stream: the sublayer's output energy over the energy of the
+    residual stream entering it, divided by this linear's total output energy.
+    """
+
+    eigvals: torch.Tensor
+    weight: float
+    tokens: int
+
+
+def max_rank(s: LinearShape) -> int:
+    return min(s.d_in + int(s.bias), s.d_out)
+
+
+def dense_breakeven(s: LinearShape) -> int:
+    """The smallest rank at which the factors cost as much as the dense matrix."""
+    return math.ceil(s.dense_params / (s.d_in + s.d_out))
+
+
+def allocate_last_n(shapes: Sequence[LinearShape], ratio: float, n_blocks: int, last_n: int | None,
+                    block_of: dict[str, int]) -> dict[str, int]:  # fmt: skip
+    """Compress only the last ``last_n`` blocks (default: the fewest at which the per-matrix ratio is at
+    most 0.6), each at the per-matrix ratio that removes ``ratio`` of all block-linear parameters."""
+    if last_n is None:
+        last_n = min(n_blocks, math.ceil(n_blocks * ratio / 0.6))
+    if last_n > n_blocks:
+        raise BadInputError(f"--last-n {last_n} exceeds the model's {n_blocks} blocks")
+    inner = ratio * n_blocks / last_n
+    if inner >= 0.95:
+        raise BadInputError(
+            f"--last-n {last_n} blocks cannot remove {ratio:g} of all block linears "
+            f"(needs {inner:.2f} of each); use more blocks"
+        )
+    chosen = [s for s in shapes if block_of[s.name] >= n_blocks - last_n]
+    return allocate_uniform(chosen, inner)
+
+
+def truncation_loss(spec: LinearSpectrum, rank: int) -> float:
+    """SVD-LLM's theoretical truncation loss: the Frobenius norm of the whitened truncation residual,
+    ``sqrt(Σ_{i>k} σ_i²)`` over the calibration tokens (sums, not means, as their code computes it)."""
+    return math.sqrt(float(spec.eigvals[rank:].clamp_min(0).sum()) * spec.tokens)
+
+
+def allocate_v2(
+    shapes: Sequence[LinearShape], ratio: float, spectra: dict[str, LinearSpectrum]
+) -> dict[str, int]:
+    """SVD-LLM V2: per matrix type (q_proj, …), ratio_i = |G|·r·(1/log L_i) / Σ_j 1/log L_j."""
+    groups: dict[str, list[LinearShape]] = defaultdict(list)
+    for s in shapes:
+        groups[s.name.rsplit(".", 1)[-1]].append(s)
+    ranks: dict[str, int] = {}
+    for members in groups.values():
+        inv = []
+        for s in members:
+            k = uniform_rank(s.d_in, s.d_out, ratio) or max_rank(s)
+            loss = truncation_loss(spectra[s.name], k)
+            inv.append(1.0 / math.log(max(loss, math.e)))  # log L ≥ 1 keeps every share positive
+        total = sum(inv)
+        for s, w in zip(members, inv, strict=True):
+            r = min(len(members) * ratio * w / total, 0.99)
+            k = uniform_rank(s.d_in, s.d_out, r)
+            if k is not None:
+                ranks[s.name] = min(k, max_rank(s))
+    return ranks
+
+
+def allocate_auto(
+    shapes: Sequence[LinearShape], ratio: float, spectra: dict[str, LinearSpectrum]
+) -> dict[str, int]:
+    """Global greedy allocation over every output direction of every linear.
+
+    Each matrix starts at rank 1. The next direction ``i`` of matrix ``m`` is worth ``w_m λ_i`` of
+    residual-stream damage avoided and costs ``d_in + d_out`` parameters; directions are taken in order of
+    worth per parameter (a matrix's worth per direction only falls, so this is the Lagrangian optimum of
+    the additive proxy) while the kept parameters stay within ``(1 − ratio)`` of dense. Reaching
+    break-even turns a matrix dense (cost ``d_in·d_out``, never more than its factors). Deterministic: ties
+    are broken by the order of ``shapes``.
+    """
+    dense_total = sum(s.dense_params for s in shapes)
+    budget = (1.0 - ratio) * dense_total
+    ranks = {s.name: 1 for s in shapes}
+    spent = sum(s.d_in + s.d_out for s in shapes)
+    if spent > budget:
+        raise BadInputError(f"--ratio {ratio:g} leaves less than rank 1 per linear")
+    heap = []
+    for order, s in enumerate(shapes):
+        if max_rank(s) > 1:
+            heap.append((-_worth(spectra[s.name], s, 1), order))
+    heapq.heapify(heap)
+    by_order = list(shapes)
+    dense: set[str] = set()
+    while heap:
+        _, order = heapq.heappop(heap)
+        s = by_order[order]
+        k = ranks[s.name]
+        step = s.dense_params - k * (s.d_in + s.d_out) if k + 1 >= dense_breakeven(s) else s.d_in + s.d_out
+        if spent + step > budget:
+            continue  # this matrix's next direction does not fit; cheaper ones of others may
+        spent += step
+        ranks[s.name] = k + 1
+        if k + 1 >= dense_breakeven(s) or k + 1 >= max_rank(s):
+            if k + 1 >= dense_breakeven(s):
+                dense.add(s.name)
+            continue
+        heapq.heappush(heap, (-_worth(spectra[s.name], s, k + 1), order))
+    return {n: r for n, r in ranks.items() if n not in dense}
+
+
+def _worth(spec: LinearSpectrum, s: LinearShape, k: int) -> float:
+    """Damage avoided per parameter by keeping direction ``k`` (0-based) of ``s``."""
+    lam = float(spec.eigvals[k]) if k < spec.eigvals.numel() else 0.0
+    return spec.weight * max(lam, 0.0) / (s.d_in + s.d_out)
+
+
+def check_budget(shapes: Sequence[LinearShape], ranks: dict[str, int], ratio: float) -> None:
+    """Every allocation keeps at most ``(1 − ratio)`` of the block-linear parameters."""
+    dense, kept = linear_params(shapes, ranks)
+    assert kept <= (1 - ratio) * dense + 1e-6 * dense, (kept, dense, ratio)

@@ -1,0 +1,162 @@
+"""The dense pre-pass for data-driven rank allocation: every linear's output spectrum, and energies.
+
+One streamed pass of the *dense* model over the calibration set (one block in memory, like the main pass):
+for each linear, the eigenvalues of its output second moment ``W̃ Σ̃ W̃ᵀ`` (per token); for each residual
+sublayer, the energy of the residual stream entering it and of what it writes back. Per-block results are
+cached in ``<out>/.romcomp/spectra/`` (atomic files), so a killed run resumes the pre-pass where it stopped
+and a resumed main pass does not repeat it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from romcomp.activations import Boundary
+from romcomp.allocation import LinearSpectrum
+from romcomp.checkpoint import atomic_save_safetensors
+from romcomp.engine import Engine
+from romcomp.errors import RomcompError
+from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
+from romcomp.methods.rom import augmented_weight, whitening_root
+from romcomp.stats import collect_input_stats, collect_output_stats
+
+
+def spectra_path(work: Path, index: int) -> Path:
+    return work / "spectra" / f"block-{index:05d}.safetensors"
+
+
+def eigvals_desc(sym: torch.Tensor) -> torch.Tensor:
+    """All eigenvalues, descending, float64 (no eigenvectors: a fraction of a full solve). LAPACK's
+    divide and conquer can fail to converge on degenerate matrices; the QR-based solver then serves."""
+    try:
+        vals = scipy.linalg.eigh(sym.double().numpy(), eigvals_only=True, driver="evd", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        vals = torch.linalg.eigvalsh(sym.double()).numpy()
+    return torch.from_numpy(np.ascontiguousarray(vals[::-1])).clamp_min(0)
+
+
+def output_spectrum(linear: nn.Linear, stats, by_output: bool) -> torch.Tensor:
+    """Eigenvalues of the output second moment per token: from the outputs' own moment, or through the
+    whitened weight ``M = W̃ L`` (the Gram of its smaller side has the same nonzero eigenvalues)."""
+    if by_output:
+        return eigvals_desc(symmetric_from_upper(stats.xtx) / max(stats.count, 1))
+    bias = None if linear.bias is None else linear.bias.data
+    root, _ = whitening_root(stats, bias is not None)
+    m = augmented_weight(linear.weight.data, bias) @ root
+    gram = syrk_upper(m.T) if m.shape[0] <= m.shape[1] else syrk_upper(m)
+    return eigvals_desc(symmetric_from_upper(gram))
+
+
+def profile_block(
+    engine: Engine, index: int, source: Boundary, sink: Boundary | None
+) -> dict[str, torch.Tensor]:
+    """Spectra and energy weights of block ``index`` on the dense stream; its outputs go to ``sink``."""
+    block = engine.load_block(index)
+    arch = engine.arch
+    narrow = [g for g in arch.groups if len(g) == 1 and _narrow(block.get_submodule(g[0]))]
+    wide = [g for g in arch.groups if g not in narrow]
+    writers = [arch.groups[sub[-1]][0] for sub in arch.sublayers]
+    energy = {"in0": 0.0, "in1": 0.0}
+    current: dict[str, torch.Tensor] = {}
+
+    def after_first_writer(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        energy["in1"] += float((current["x"] + out).double().pow(2).sum())
+
+    handle = block.get_submodule(writers[0]).register_forward_hook(after_first_writer)
+    try:
+        with (
+            collect_input_stats(block, wide) as stats,
+            collect_output_stats(block, [g[0] for g in narrow]) as out_stats,
+            torch.inference_mode(),
+        ):
+            for start, stop in engine.batches(source.shape[0]):
+                current["x"] = source.read(start, stop)
+                energy["in0"] += float(current["x"].double().pow(2).sum())
+                out = block(current["x"], **engine.block_kwargs[stop - start])
+                out = out[0] if isinstance(out, tuple) else out
+                if not torch.isfinite(out).all():
+                    raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
+                if sink is not None:
+                    sink.write(start, out.float())
+            tokens = source.shape[0] * source.shape[1]
+            result: dict[str, torch.Tensor] = {"tokens": torch.tensor(float(tokens), dtype=torch.float64)}
+            prefix = arch.block_prefix(index)
+            eig: dict[str, torch.Tensor] = {}
+            for group in arch.groups:
+                for name in group:
+                    if group in narrow:
+                        eig[name] = output_spectrum(block.get_submodule(name), out_stats[name], True)
+                    else:
+                        eig[name] = output_spectrum(block.get_submodule(name), stats[group[0]], False)
+                if group[0] in stats:
+                    stats[group[0]].derived.clear()
+    finally:
+        handle.remove()
+    for n_sub, sub in enumerate(arch.sublayers):
+        written = float(eig[writers[n_sub]].sum())
+        residual = energy[f"in{min(n_sub, 1)}"] / tokens
+        for gi in sub:
+            for name in arch.groups[gi]:
+                trace = float(eig[name].sum())
+                weight = written / (residual * trace) if residual > 0 and trace > 0 else 0.0
+                result[f"{prefix}{name}.eigvals"] = eig[name]
+                result[f"{prefix}{name}.weight"] = torch.tensor(weight, dtype=torch.float64)
+    return result
+
+
+def _narrow(linear: nn.Linear) -> bool:
+    return linear.out_features < linear.in_features + int(linear.bias is not None)
+
+
+def profile(engine: Engine, output, windows: torch.Tensor, in_ram: bool, n_blocks: int,
+            progress: bool) -> dict[str, LinearSpectrum]:  # fmt: skip
+    """Run (or resume) the dense pre-pass; returns every block linear's :class:`LinearSpectrum`."""
+    work = output.work
+    todo = [i for i in range(n_blocks) if not spectra_path(work, i).exists()]
+    if todo:
+        spectra_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
+        shape = (windows.shape[0], windows.shape[1], engine.model.config.hidden_size)
+        first = todo[0]
+        if first == 0:
+            source = Boundary.create(output.acts_path(0, "profile"), shape, in_ram)
+            engine.capture_inputs(windows, [source])
+            source.commit()
+        else:
+            engine.capture_inputs(windows, [])
+            source = Boundary.load(output.acts_path(first, "profile"), shape, in_ram)
+        bar = tqdm(total=n_blocks, initial=first, desc="profile", unit="block", disable=not progress,
+                   file=sys.stderr)  # fmt: skip
+        for index in range(first, n_blocks):
+            last = index == n_blocks - 1
+            sink = None if last else Boundary.create(output.acts_path(index + 1, "profile"), shape, in_ram)
+            tensors = profile_block(engine, index, source, sink)
+            if sink is not None:
+                sink.commit()
+            atomic_save_safetensors(tensors, spectra_path(work, index))
+            engine.free_block(index)
+            source.release()
+            os.remove(source.path)
+            source = sink
+            bar.update(1)
+        bar.close()
+    return load_spectra(work, n_blocks)
+
+
+def load_spectra(work: Path, n_blocks: int) -> dict[str, LinearSpectrum]:
+    spectra: dict[str, LinearSpectrum] = {}
+    for i in range(n_blocks):
+        t = load_file(str(spectra_path(work, i)))
+        tokens = int(t.pop("tokens"))
+        for key in [k for k in t if k.endswith(".eigvals")]:
+            name = key[: -len(".eigvals")]
+            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.weight"]), tokens)
+    return spectra

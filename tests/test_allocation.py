@@ -1,0 +1,88 @@
+"""Rank allocation: budgets, determinism, where the parameters go (pure functions, planted spectra)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from romcomp.allocation import LinearSpectrum, allocate_auto, allocate_last_n, allocate_v2, dense_breakeven
+from romcomp.errors import BadInputError
+from romcomp.ranks import LinearShape, linear_params
+
+KINDS = {"q": (64, 64), "o": (64, 64), "up": (64, 160), "down": (160, 64)}
+
+
+def model_shapes(blocks: int = 4) -> list[LinearShape]:
+    return [LinearShape(f"layers.{i}.{k}", *dims) for i in range(blocks) for k, dims in KINDS.items()]
+
+
+def spectrum(n: int, decay: float, weight: float = 1.0) -> LinearSpectrum:
+    return LinearSpectrum(torch.logspace(0, -decay, n, dtype=torch.float64), weight, 1000)
+
+
+def spectra_for(shapes: list[LinearShape], seed: int = 0) -> dict[str, LinearSpectrum]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        s.name: spectrum(min(s.d_in, s.d_out), float(torch.rand(1, generator=g)) * 4 + 0.5) for s in shapes
+    }
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.6])
+def test_auto_spends_the_budget_exactly_within_one_rank_step(ratio):
+    shapes = model_shapes()
+    ranks = allocate_auto(shapes, ratio, spectra_for(shapes))
+    dense, kept = linear_params(shapes, ranks)
+    assert kept <= (1 - ratio) * dense
+    assert kept > (1 - ratio) * dense - max(s.d_in + s.d_out for s in shapes)
+    for s in shapes:  # never a rank costlier than dense, never beyond the outputs' rank
+        if s.name in ranks:
+            assert 1 <= ranks[s.name] < dense_breakeven(s)
+
+
+def test_auto_is_deterministic_and_follows_the_spectra():
+    shapes = model_shapes()
+    spectra = spectra_for(shapes, seed=3)
+    assert allocate_auto(shapes, 0.3, spectra) == allocate_auto(shapes, 0.3, dict(reversed(spectra.items())))
+    # planted: one matrix with a flat (full-rank) spectrum, one with a single dominant direction
+    spectra["layers.1.up"] = LinearSpectrum(torch.ones(64, dtype=torch.float64), 1.0, 1000)
+    low = torch.full((64,), 1e-9, dtype=torch.float64)
+    low[:2] = 1.0
+    spectra["layers.2.up"] = LinearSpectrum(low, 1.0, 1000)
+    ranks = allocate_auto(shapes, 0.3, spectra)
+    assert "layers.1.up" not in ranks  # left dense
+    assert ranks["layers.2.up"] <= 3  # compressed to its planted rank
+
+
+def test_auto_weighs_damage_to_the_residual_stream():
+    """Same spectra, but one block's sublayer writes 100x more into the residual: it keeps more rank."""
+    shapes = model_shapes()
+    spectra = {s.name: spectrum(min(s.d_in, s.d_out), 3.0) for s in shapes}
+    spectra["layers.3.down"] = spectrum(64, 3.0, weight=100.0)
+    ranks = allocate_auto(shapes, 0.4, spectra)
+    assert ranks.get("layers.3.down", 64) > ranks["layers.0.down"]
+
+
+def test_auto_refuses_a_ratio_that_leaves_less_than_rank_one():
+    with pytest.raises(BadInputError):
+        allocate_auto(model_shapes(), 0.999, spectra_for(model_shapes()))
+
+
+def test_v2_gives_lossier_matrices_more_rank_and_keeps_each_type_near_the_ratio():
+    shapes = model_shapes()
+    spectra = {s.name: spectrum(min(s.d_in, s.d_out), 4.0) for s in shapes}
+    spectra["layers.2.q"] = spectrum(64, 0.3)  # slow decay: large truncation loss
+    ranks = allocate_v2(shapes, 0.3, spectra)
+    assert ranks["layers.2.q"] > ranks["layers.0.q"]
+    dense, kept = linear_params(shapes, ranks)
+    assert abs((1 - kept / dense) - 0.3) < 0.05
+
+
+def test_last_n_compresses_only_the_last_blocks_to_the_same_total():
+    shapes = model_shapes(8)
+    block_of = {s.name: int(s.name.split(".")[1]) for s in shapes}
+    ranks = allocate_last_n(shapes, 0.2, 8, 4, block_of)
+    assert {block_of[n] for n in ranks} == {4, 5, 6, 7}
+    dense, kept = linear_params(shapes, ranks)
+    assert 0.2 <= 1 - kept / dense < 0.21  # floor of each rank: at most one rank step over
+    with pytest.raises(BadInputError):
+        allocate_last_n(shapes, 0.6, 8, 2, block_of)  # 2 of 8 blocks cannot remove 60% of all
