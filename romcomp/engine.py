@@ -156,11 +156,16 @@ class Engine:
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
             for start, stop in self.batches(source.shape[0]):
                 out = block(source.read(start, stop), **self.block_kwargs[stop - start])
-                out = out[0] if isinstance(out, tuple) else out
-                if not torch.isfinite(out).all():
-                    raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
-                if sink is not None:
-                    sink.write(start, out.float())
+                self._emit(out, sink, start, stop)
+
+    @staticmethod
+    def _emit(out, sink: Boundary | None, start: int, stop: int) -> None:
+        """Check a block's outputs for one batch and write them (float32) to ``sink`` when given."""
+        out = out[0] if isinstance(out, tuple) else out
+        if not torch.isfinite(out).all():
+            raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
+        if sink is not None:
+            sink.write(start, out.float())
 
     def compress_block(
         self, index: int, variants: Sequence[Variant], dense_source: Boundary | None = None,
@@ -176,9 +181,12 @@ class Engine:
         blocks = [copy.deepcopy(base) for _ in variants[: None if keep_base else -1]]
         blocks += [] if keep_base else [base]
         if self.fit == "error-aware":
-            notes = self._fit_error_aware(index, base, blocks, variants, dense_source, times)
+            notes, filled = self._fit_error_aware(
+                index, base, blocks, variants, dense_source, dense_sink, times
+            )
             t0 = time.perf_counter()
-            self.forward(base, dense_source, dense_sink)
+            if not filled:
+                self.forward(base, dense_source, dense_sink)
         else:
             notes = [self._fit_local(index, b, v, times) for b, v in zip(blocks, variants, strict=True)]
             t0 = time.perf_counter()
@@ -194,16 +202,20 @@ class Engine:
 
     def _fit_error_aware(
         self, index: int, dense: nn.Module, blocks: list[nn.Module], variants: Sequence[Variant],
-        dense_source: Boundary, times: BlockTimes,
-    ) -> list[list[str]]:  # fmt: skip
+        dense_source: Boundary, dense_sink: Boundary | None, times: BlockTimes,
+    ) -> tuple[list[list[str]], bool]:  # fmt: skip
         """Each stage's linears regress the dense block's outputs on the compressed block's inputs.
 
         Collect runs the dense block on the dense stream once per batch, shared by every variant, and
-        each compressed copy on its own stream; all stop at the stage's last leader.
+        each compressed copy on its own stream; all stop at the stage's last leader, except the dense
+        forward of the last stage, which runs on and fills ``dense_sink`` (one dense forward saved).
+        Returns the notes and whether ``dense_sink`` was filled.
         """
         prefix = self.arch.block_prefix(index)
         notes: list[list[str]] = [[] for _ in variants]
-        for stage in self.stages():
+        stages = self.stages()
+        filled = False
+        for n_stage, stage in enumerate(stages):
             names = [prefix + name for group in stage for name in group]
             active = [
                 j for j, v in enumerate(variants) if self.refit_dense or any(n in v.ranks for n in names)
@@ -211,9 +223,16 @@ class Engine:
             if not active:
                 continue  # the whole stage stays dense in every variant: nothing to fit
             t0 = time.perf_counter()
-            collector = CrossCollector(dense, [blocks[j] for j in active], [g[0] for g in stage], stop=True)
+            last = n_stage == len(stages) - 1
+            leaders = [g[0] for g in stage]
+            collector = CrossCollector(
+                dense, [blocks[j] for j in active], leaders, stop=True, stop_dense=not last
+            )
             try:
-                self._paired_forward(dense, dense_source, [(blocks[j], variants[j].source) for j in active])
+                sink = dense_sink if last else None
+                pairs = [(blocks[j], variants[j].source) for j in active]
+                self._paired_forward(dense, dense_source, sink, pairs)
+                filled = sink is not None
             finally:
                 collector.close()
             times.forward += time.perf_counter() - t0
@@ -229,21 +248,25 @@ class Engine:
                     stats[group[0]].hat.derived.clear()
             del collector
             times.decompose += time.perf_counter() - t0
-        return notes
+        return notes, filled
 
     def _paired_forward(
-        self, dense: nn.Module, dense_source: Boundary, compressed: list[tuple[nn.Module, Boundary]]
-    ) -> None:
-        """Per batch: the dense forward, then each compressed one (hooks pair inputs; may stop early)."""
+        self, dense: nn.Module, dense_source: Boundary, dense_sink: Boundary | None,
+        compressed: list[tuple[nn.Module, Boundary]],
+    ) -> None:  # fmt: skip
+        """Per batch: the dense forward (to ``dense_sink`` when it runs to the end), then each compressed
+        one; hooks pair their inputs and may stop a forward early."""
         low = self.compute_dtype != torch.float32
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
             for start, stop in self.batches(dense_source.shape[0]):
                 kwargs = self.block_kwargs[stop - start]
                 for module, stream in [(dense, dense_source), *compressed]:
                     try:
-                        module(stream.read(start, stop), **kwargs)
+                        out = module(stream.read(start, stop), **kwargs)
                     except StopForward:
-                        pass
+                        continue
+                    if module is dense and dense_sink is not None:
+                        self._emit(out, dense_sink, start, stop)
 
     def _fit_local(self, index: int, block: nn.Module, variant: Variant, times: BlockTimes) -> list[str]:
         """Each linear is fitted to its own outputs on the inputs it sees (the compressed stream's, or the

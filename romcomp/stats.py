@@ -101,10 +101,12 @@ class CrossCollector:
     For each batch the engine runs the dense block on the dense stream, then each compressed block on its
     own compressed stream; the dense hook parks each leader's input, each compressed hook pairs it with
     its own input of the same tokens and accumulates. With ``stop`` a forward ends (:class:`StopForward`)
-    once the last leader's input is seen, so the layers after it are not computed.
+    once the last leader's input is seen, so the layers after it are not computed; ``stop_dense=False``
+    lets the dense forward run to the end (the engine then keeps its outputs: the next dense boundary).
     """
 
-    def __init__(self, dense: nn.Module, blocks: Sequence[nn.Module], leaders: Sequence[str], stop: bool):
+    def __init__(self, dense: nn.Module, blocks: Sequence[nn.Module], leaders: Sequence[str], stop: bool,
+                 stop_dense: bool = True) -> None:  # fmt: skip
         self.stats = [
             {n: CrossStats.zeros(block.get_submodule(n).in_features) for n in leaders} for block in blocks
         ]
@@ -112,7 +114,8 @@ class CrossCollector:
         self.handles: list[RemovableHandle] = []
         last = leaders[-1] if stop else None
         for name in leaders:
-            self.handles.append(dense.get_submodule(name).register_forward_pre_hook(self._park(name, last)))
+            park = self._park(name, last if stop_dense else None)
+            self.handles.append(dense.get_submodule(name).register_forward_pre_hook(park))
             for j, block in enumerate(blocks):
                 linear = block.get_submodule(name)
                 self.handles.append(linear.register_forward_pre_hook(self._pair(j, name, last)))
