@@ -145,7 +145,9 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
     streams = len(ratios) + int(cfg.fit == "error-aware")
-    mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams=streams)
+    mem = plan(
+        dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams, cfg.fit == "error-aware"
+    )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         threadpool_limits(cfg.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool
@@ -252,9 +254,12 @@ def _data_driven_ranks(cfg: CompressConfig, targets: list[Target], engine: Engin
     each manifest once chosen: a resumed run reuses them (and the cached spectra) instead of profiling."""
     from romcomp.profile import profile
 
+    t0 = time.perf_counter()
     spectra = profile(engine, targets[0].output, windows, mem.activations_in_ram, n_blocks, cfg.progress)
+    seconds = round(time.perf_counter() - t0, 3)
     allocate = allocate_auto if cfg.allocation == "auto" else allocate_v2
     for t in targets:
+        t.manifest.profile_seconds = seconds
         if not t.ranks:
             t.ranks = allocate(shapes, t.manifest.args["ratio"], spectra)
             t.manifest.ranks = t.ranks

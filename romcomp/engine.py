@@ -70,7 +70,6 @@ class Engine:
     output_method: Decompose | None = None  # the method's output-statistics variant, if it has one
     fit: str = "local"  # "error-aware": regress the dense outputs on the compressed inputs (two streams)
     cross_method: Decompose | None = None  # the error-aware fit (CrossStats -> Factors)
-    refit_dense: bool = False  # error-aware: linears left dense get the full-rank regression M₀ too
     compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
     block_kwargs: dict[int, dict] = field(default_factory=dict)
 
@@ -243,8 +242,6 @@ class Engine:
                         if prefix + name in variants[j].ranks:
                             notes[j] += self._swap(blocks[j], name, prefix + name, stats[group[0]],
                                                    self.cross_method, variants[j].ranks)  # fmt: skip
-                        elif self.refit_dense:
-                            self._refit(blocks[j], name, stats[group[0]])
                     stats[group[0]].hat.derived.clear()
             del collector
             times.decompose += time.perf_counter() - t0
@@ -322,18 +319,6 @@ class Engine:
         if factors.bias is not None:
             pair.up.bias.data = factors.bias.to(self.out_dtype).float()
         return [f"{full}: {n}" for n in factors.notes]
-
-    def _refit(self, block: nn.Module, name: str, stats) -> None:
-        """A dense linear replaced by the ridge regression of the dense outputs on its compressed inputs."""
-        from romcomp.methods.error_aware import target_map
-
-        linear = block.get_submodule(name)
-        bias = None if linear.bias is None else linear.bias.data
-        m0 = target_map(linear.weight.data, bias, stats)
-        d_in = linear.in_features
-        linear.weight.data = m0[:, :d_in].to(self.out_dtype).float()
-        if bias is not None:
-            linear.bias.data = m0[:, d_in].to(self.out_dtype).float()
 
     def block_tensors(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
         prefix = self.arch.block_prefix(index)

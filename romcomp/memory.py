@@ -81,26 +81,31 @@ TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 
 
 def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool,
-             streams: int = 1) -> dict[str, int]:  # fmt: skip
+             streams: int = 1, cross: bool = False) -> dict[str, int]:  # fmt: skip
     """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase.
 
-    ``streams=2`` (error-aware fit): two activation streams, a dense copy of the block, and per group a
-    cross moment beside the second moment, one group at a time (the fit is sequential) — or all groups.
+    ``streams``: activation streams kept (one compressed stream per ratio, plus the dense one with
+    ``cross``, the error-aware fit); each adds a block copy. With ``cross`` every compressed stream has,
+    per group, a cross moment beside the second moment (counted for all groups at once).
     """
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
     act = 2 * streams * (n_samples if in_ram else batch) * token_bytes  # input + output of each stream
-    # per linear: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem
+    # per linear: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem;
+    # the error-aware fit first builds M₀ (three d_in² squares, W-sized products: error_aware.target_map)
     workspace = max(
-        4 * min(shape) ** 2 * f64 + 3 * max(shape) * min(shape) * f64 for shape in dims.linear_shapes
+        4 * min(shape) ** 2 * f64
+        + 3 * max(shape) * min(shape) * f64
+        + (3 * (shape[0] + 1) ** 2 * f64 + 2 * shape[0] * shape[1] * f64 if cross else 0)
+        for shape in dims.linear_shapes
     )
     return {
         "runtime": RUNTIME_BASELINE,
         "block weights (source + fp32 + factors)": (3 + streams - 1) * dims.block_params * f32,
         "covariances (float64)": (
             sum((d + 1) ** 2 for d in dims.cov_dims) * f64
-            if streams == 1
-            else 2 * sum((d + 1) ** 2 for d in dims.linear_inputs) * f64
+            if not cross
+            else 2 * (streams - 1) * sum((d + 1) ** 2 for d in dims.linear_inputs) * f64
         ),
         WORKSPACE: workspace,
         "activation cache": act,
@@ -120,12 +125,13 @@ def peak_bytes(parts: dict[str, int]) -> int:
     return max(block_phase, parts["runtime"] + parts["activation cache"] + parts[TOP_LEVEL])
 
 
-def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: int = 1) -> MemoryPlan:
+def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: int = 1,
+         cross: bool = False) -> MemoryPlan:  # fmt: skip
     """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum."""
     best: tuple[int, dict[str, int]] | None = None
     for in_ram in (True, False):
         for batch in BATCH_CHOICES:
-            parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams)
+            parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross)
             total = peak_bytes(parts)
             if total <= budget:
                 return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts)
