@@ -216,9 +216,7 @@ class Engine:
         filled = False
         for n_stage, stage in enumerate(stages):
             names = [prefix + name for group in stage for name in group]
-            active = [
-                j for j, v in enumerate(variants) if self.refit_dense or any(n in v.ranks for n in names)
-            ]
+            active = [j for j, v in enumerate(variants) if any(n in v.ranks for n in names)]
             if not active:
                 continue  # the whole stage stays dense in every variant: nothing to fit
             t0 = time.perf_counter()

@@ -32,7 +32,10 @@ def test_summary_reports_ranks_params_and_memory(compressed):
     lin_before, lin_after = reported(stdout, "parameters (linears)")
     assert before - after == lin_before - lin_after > 0
     assert 0.195 < 1 - lin_after / lin_before < 0.21  # the ratio convention: block linear params removed
-    assert re.search(r"q_proj\s+576→576\s+230/230", stdout)  # floor(0.8·576²/1152)
+    assert "(error-aware fit)" in stdout and "(auto ranks)" in stdout  # the defaults
+    spans = re.findall(r"(\w+_proj)\s+\d+→\d+\s+(\S+)", stdout)
+    assert len(spans) == 7 and len({span for _, span in spans}) > 1  # ranks differ by type and depth
+    assert re.search(r"down_proj\s+[0-9D]{30}\n", stdout)  # the allocation map: one cell per block
     assert "peak RSS" in stdout and "c4" in stdout
 
 

@@ -159,7 +159,10 @@ def targets(table: list[dict[str, Any]], smollm2: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4", help="for uniform+local and the default")
+    parser.add_argument(
+        "--side-ratios", default=None, help="for the other configurations (default: --ratios)"
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--n-samples", type=int, default=128, help="calibration windows (C4)")
@@ -173,8 +176,10 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log = args.out_dir / "bench.log"
     ratios = [float(r) for r in args.ratios.split(",")]
+    side = [float(r) for r in (args.side_ratios or args.ratios).split(",")]
     start = time.perf_counter()
-    runs = [compress(args, name, ratios, log) for name in args.configs.split(",")]
+    key = ("uniform+local", "auto+error-aware")
+    runs = [compress(args, name, ratios if name in key else side, log) for name in args.configs.split(",")]
     doc = evaluate(args, [o for run in runs for o in run["outs"].values()], log)
     table = rows(doc, runs)
     print(markdown(table))

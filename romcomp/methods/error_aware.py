@@ -14,7 +14,7 @@ the dense weight* rather than towards zero:
 
     M₀ = argmin E‖W̃ x̃ − M x̃̂‖² + δ‖M − W̃‖²  =  W̃ + W̃ (Σ_{x x̂} − Σ_{x̂ x̂}) (Σ_{x̂ x̂} + δ I)⁻¹
 
-with ``δ = DAMP · mean(diag Σ_{x̂ x̂})``. Directions the calibration data barely visits keep the dense
+with ``δ = DAMP · mean(diag Σ_{x̂ x̂})`` (``DAMP = 1``: a strong ridge, measured best). Directions the calibration data barely visits keep the dense
 weight, and when the two streams are identical (first layer of the model, or ``x̂ = x``) ``M₀ = W̃``
 exactly, so the fit reduces to local ROM bit for bit in exact arithmetic.
 """
@@ -28,8 +28,12 @@ from romcomp.methods.base import CrossStats, Factors
 from romcomp.methods.linalg import top_left_singular
 from romcomp.methods.rom import augmented_sigma, augmented_weight, project, whitening_root
 
-DAMP = 1e-2
-"""Ridge towards the dense weight, relative to the mean input variance (measured: README, ablation)."""
+DAMP = 1.0
+"""Ridge towards the dense weight, relative to the mean input variance. Measured on SmolLM2-135M at ratio
+0.2 (auto allocation, C4 32 × 512, WikiText-2 40 × 512): 1e-3 → 65.9, 1e-2 → 64.4, 0.1 → 60.2, 0.3 → 58.0,
+**1.0 → 57.2**, 3.0 → 58.6; the limit δ → ∞ is local ROM on the compressed stream (93 in the issue's
+ablation). A full regression (small δ) over-fits the cross moments of the calibration tokens; a strong ridge
+keeps a first-order correction ``W̃ D / δ`` of the upstream error, which is what generalizes."""
 
 
 def augmented_cross(stats: CrossStats, with_bias: bool) -> torch.Tensor:
