@@ -26,20 +26,33 @@ import torch
 from romcomp.errors import BadInputError
 from romcomp.ranks import LinearShape, allocate_uniform, linear_params, uniform_rank
 
+ENERGY_EXPONENT = 1.5
+"""How strongly a sublayer's share of the residual stream weighs its linears (see :class:`LinearSpectrum`).
+Measured on SmolLM2-135M at ratio 0.2 (error-aware fit, C4 32 × 512, WikiText-2 40 × 512): 0.5 → 72.1,
+1 → 57.2, **1.5 → 54.7**, 2 → 55.1."""
+
 
 @dataclass
 class LinearSpectrum:
     """What the dense pre-pass measured for one linear.
 
     ``eigvals``: eigenvalues (descending, float64) of the output second moment ``W̃ Σ̃ W̃ᵀ`` per token
-    (``λ_{k+1} + …`` is what rank ``k`` discards under local ROM). ``weight``: converts discarded output
-    energy into damage to the residual stream: the sublayer's output energy over the energy of the
-    residual stream entering it, divided by this linear's total output energy.
+    (``λ_{k+1} + …`` is what rank ``k`` discards under local ROM). ``sublayer``: the energy the linear's
+    residual sublayer writes back over the energy of the residual stream entering it.
     """
 
     eigvals: torch.Tensor
-    weight: float
+    sublayer: float
     tokens: int
+
+    @property
+    def weight(self) -> float:
+        """Converts discarded output energy into damage to the residual stream: the discarded share of the
+        linear's own output energy, times the sublayer's relative size to the power ``ENERGY_EXPONENT``
+        (1 would be the first-order share; larger values protect sublayers that rewrite much of the stream,
+        which the measurements favour: errors there also change what every later layer sees)."""
+        trace = float(self.eigvals.sum())
+        return self.sublayer**ENERGY_EXPONENT / trace if trace > 0 and self.sublayer > 0 else 0.0
 
 
 def max_rank(s: LinearShape) -> int:
@@ -116,10 +129,11 @@ def allocate_auto(
     spent = sum(s.d_in + s.d_out for s in shapes)
     if spent > budget:
         raise BadInputError(f"--ratio {ratio:g} leaves less than rank 1 per linear")
+    weights = {s.name: spectra[s.name].weight for s in shapes}
     heap = []
     for order, s in enumerate(shapes):
         if max_rank(s) > 1:
-            heap.append((-_worth(spectra[s.name], s, 1), order))
+            heap.append((-_worth(spectra[s.name], weights[s.name], s, 1), order))
     heapq.heapify(heap)
     by_order = list(shapes)
     dense: set[str] = set()
@@ -136,14 +150,14 @@ def allocate_auto(
             if k + 1 >= dense_breakeven(s):
                 dense.add(s.name)
             continue
-        heapq.heappush(heap, (-_worth(spectra[s.name], s, k + 1), order))
+        heapq.heappush(heap, (-_worth(spectra[s.name], weights[s.name], s, k + 1), order))
     return {n: r for n, r in ranks.items() if n not in dense}
 
 
-def _worth(spec: LinearSpectrum, s: LinearShape, k: int) -> float:
+def _worth(spec: LinearSpectrum, weight: float, s: LinearShape, k: int) -> float:
     """Damage avoided per parameter by keeping direction ``k`` (0-based) of ``s``."""
     lam = float(spec.eigvals[k]) if k < spec.eigvals.numel() else 0.0
-    return spec.weight * max(lam, 0.0) / (s.d_in + s.d_out)
+    return weight * max(lam, 0.0) / (s.d_in + s.d_out)
 
 
 def check_budget(shapes: Sequence[LinearShape], ranks: dict[str, int], ratio: float) -> None:

@@ -104,12 +104,11 @@ def profile_block(
     for n_sub, sub in enumerate(arch.sublayers):
         written = float(eig[writers[n_sub]].sum())
         residual = energy[f"in{min(n_sub, 1)}"] / tokens
+        share = written / residual if residual > 0 else 0.0
         for gi in sub:
             for name in arch.groups[gi]:
-                trace = float(eig[name].sum())
-                weight = written / (residual * trace) if residual > 0 and trace > 0 else 0.0
                 result[f"{prefix}{name}.eigvals"] = eig[name]
-                result[f"{prefix}{name}.weight"] = torch.tensor(weight, dtype=torch.float64)
+                result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
     return result
 
 
@@ -158,5 +157,5 @@ def load_spectra(work: Path, n_blocks: int) -> dict[str, LinearSpectrum]:
         tokens = int(t.pop("tokens"))
         for key in [k for k in t if k.endswith(".eigvals")]:
             name = key[: -len(".eigvals")]
-            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.weight"]), tokens)
+            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.sublayer"]), tokens)
     return spectra

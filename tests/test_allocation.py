@@ -16,8 +16,8 @@ def model_shapes(blocks: int = 4) -> list[LinearShape]:
     return [LinearShape(f"layers.{i}.{k}", *dims) for i in range(blocks) for k, dims in KINDS.items()]
 
 
-def spectrum(n: int, decay: float, weight: float = 1.0) -> LinearSpectrum:
-    return LinearSpectrum(torch.logspace(0, -decay, n, dtype=torch.float64), weight, 1000)
+def spectrum(n: int, decay: float, sublayer: float = 1.0) -> LinearSpectrum:
+    return LinearSpectrum(torch.logspace(0, -decay, n, dtype=torch.float64), sublayer, 1000)
 
 
 def spectra_for(shapes: list[LinearShape], seed: int = 0) -> dict[str, LinearSpectrum]:
@@ -57,7 +57,7 @@ def test_auto_weighs_damage_to_the_residual_stream():
     """Same spectra, but one block's sublayer writes 100x more into the residual: it keeps more rank."""
     shapes = model_shapes()
     spectra = {s.name: spectrum(min(s.d_in, s.d_out), 3.0) for s in shapes}
-    spectra["layers.3.down"] = spectrum(64, 3.0, weight=100.0)
+    spectra["layers.3.down"] = spectrum(64, 3.0, sublayer=100.0)
     ranks = allocate_auto(shapes, 0.4, spectra)
     assert ranks.get("layers.3.down", 64) > ranks["layers.0.down"]
 

@@ -14,9 +14,9 @@ the dense weight* rather than towards zero:
 
     M₀ = argmin E‖W̃ x̃ − M x̃̂‖² + δ‖M − W̃‖²  =  W̃ + W̃ (Σ_{x x̂} − Σ_{x̂ x̂}) (Σ_{x̂ x̂} + δ I)⁻¹
 
-with ``δ = DAMP · mean(diag Σ_{x̂ x̂})`` (``DAMP = 1``: a strong ridge, measured best). Directions the calibration data barely visits keep the dense
-weight, and when the two streams are identical (first layer of the model, or ``x̂ = x``) ``M₀ = W̃``
-exactly, so the fit reduces to local ROM bit for bit in exact arithmetic.
+with ``δ = DAMP · mean(diag Σ_{x̂ x̂})`` (``DAMP = 1``: a strong ridge, measured best). Directions the
+calibration data barely visits keep the dense weight, and when the two streams are identical (first layer
+of the model, or ``x̂ = x``) ``M₀ = W̃`` exactly, so the fit reduces to local ROM in exact arithmetic.
 """
 
 from __future__ import annotations
