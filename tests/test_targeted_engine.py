@@ -169,3 +169,23 @@ def test_multi_ratio_run_killed_and_resumed_is_bit_identical(tiny4, tmp_path, ca
     for name in ("src-r0.2", "src-r0.4"):
         assert shards(out / name) == shards(ref / name)
         assert (out / name / "config.json").read_bytes() == (ref / name / "config.json").read_bytes()
+
+
+def test_cli_seed_and_overwrite(tiny4, tmp_path, calib_text):
+    """``--seed`` picks other calibration windows (other factors, recorded); ``--overwrite`` replaces a
+    finished output that a different command is refused to resume into."""
+    common = [str(tiny4), "--calib", str(calib_text), "--n-samples", "4", "--seq-len", "32", "--no-progress",
+              "--allocation", "uniform"]  # fmt: skip
+    runs = {}
+    for seed in ("0", "1"):
+        out = tmp_path / f"seed{seed}"
+        proc = romcomp_cli(*common, "--ratio", "0.3", "--seed", seed, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[seed] = out
+        assert f"seed {seed}" in json.loads((out / "config.json").read_text())["romcomp"]["calibration"]
+    assert shards(runs["0"]) != shards(runs["1"])
+    refused = romcomp_cli(*common, "--ratio", "0.4", "--out", str(runs["0"]))
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    again = romcomp_cli(*common, "--ratio", "0.4", "--out", str(runs["0"]), "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((runs["0"] / "config.json").read_text())["romcomp"]["ratio"] == 0.4

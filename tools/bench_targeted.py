@@ -58,8 +58,9 @@ def compress(args: argparse.Namespace, name: str, ratios: list[float], log: Path
     record = parent / "bench-run.json"
     if record.exists() and all((o / "config.json").exists() for o in outs.values()):
         return {**json.loads(record.read_text()), "reused": True}
+    out = parent if len(ratios) > 1 else outs[ratios[0]]  # one ratio: --out names the output itself
     cmd = [sys.executable, "-m", "romcomp.cli", args.model, "--ratio", ",".join(f"{r:g}" for r in ratios),
-           "--out", str(parent), "--max-ram", args.max_ram, "--n-samples", str(args.n_samples),
+           "--out", str(out), "--max-ram", args.max_ram, "--n-samples", str(args.n_samples),
            "--seq-len", str(args.calib_seq_len), "--no-progress", "--overwrite", *CONFIGS[name]]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -76,8 +77,10 @@ def compress(args: argparse.Namespace, name: str, ratios: list[float], log: Path
 
 def evaluate(args: argparse.Namespace, outs: list[str], log: Path) -> dict[str, Any]:
     report = args.out_dir / "eval"
-    cmd = [sys.executable, "-m", "romcomp.cli", "eval", args.model, *outs, "--tasks", f"wikitext2,c4,{SEVEN}",
-           "--seq-len", "512", "--ppl-windows", str(args.ppl_windows), "--limit", str(args.limit),
+    tasks = args.ppl_sets + (f",{SEVEN}" if args.limit else "")
+    cmd = [sys.executable, "-m", "romcomp.cli", "eval", args.model, *outs, "--tasks", tasks,
+           "--seq-len", "512", "--ppl-windows", str(args.ppl_windows),
+           *(["--limit", str(args.limit)] if args.limit else []),
            "--json", f"{report}.json", "--report", f"{report}.md", "--no-plots"]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -109,7 +112,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
     for row in table:
         run = row["run"]
         cells = [row["config"], f"{row['ratio']:g}" if row["ratio"] else "–", f"{row['wikitext2']:.2f}",
-                 f"{row['c4']:.2f}", f"{row['acc7']:.4f}" if row["acc7"] is not None else "–",
+                 f"{row['c4']:.2f}" if row["c4"] else "–",
+                 f"{row['acc7']:.4f}" if row["acc7"] is not None else "–",
                  f"{run['seconds']:.0f}" if "seconds" in run else "–",
                  fmt_bytes(run["peak_rss_bytes"]) if "peak_rss_bytes" in run else "–",
                  fmt_bytes(run["plan_bytes"]) if "plan_bytes" in run else "–"]  # fmt: skip
@@ -168,8 +172,11 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=128, help="calibration windows (C4)")
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--max-ram", default="8GB")
-    parser.add_argument("--limit", type=int, default=100, help="zero-shot documents per task")
+    parser.add_argument(
+        "--limit", type=int, default=100, help="zero-shot documents per task (0: no zero-shot)"
+    )
     parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--ppl-sets", default="wikitext2,c4", help="perplexity sets (wikitext2 first)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
@@ -188,7 +195,11 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads or 'default'} threads; {platform.platform()}")  # fmt: skip
     print(f"calibration: {doc['models'][-1].get('romcomp', {}).get('calibration')}")
-    print(f"zero-shot: first {args.limit} documents of each of {SEVEN} (PARTIAL)")
+    print(
+        f"zero-shot: first {args.limit} documents of each of {SEVEN} (PARTIAL)"
+        if args.limit
+        else "zero-shot: not run"
+    )
     print(f"command: python tools/bench_targeted.py {shlex.join(sys.argv[1:])}")
     print(f"total {time.perf_counter() - start:.0f} s")
     (args.out_dir / "bench.json").write_text(
