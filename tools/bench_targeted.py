@@ -22,11 +22,12 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_quality import run_child  # tools/ is the script's directory, so on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEVEN = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa"
@@ -38,17 +39,6 @@ CONFIGS = {
     "auto+error-aware": [],  # the default
 }
 TARGETS = {0.1: 38.0, 0.2: 50.0, 0.3: 95.0}  # SmolLM2-135M WikiText-2, first 40 x 512 windows
-
-
-def run_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
-    """(exit code, seconds, peak RSS bytes of that child alone) with its output appended to ``log``."""
-    start = time.perf_counter()
-    with log.open("a") as handle:
-        handle.write(f"$ {shlex.join(cmd)}\n")
-        handle.flush()
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
 def compress(args: argparse.Namespace, name: str, ratios: list[float], log: Path) -> dict[str, Any]:
