@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from romcomp.errors import BadInputError
-from romcomp.ranks import LinearShape, allocate_uniform, linear_params, uniform_rank
+from romcomp.ranks import LinearShape, allocate_uniform, uniform_rank
 
 ENERGY_EXPONENT = 1.5
 """How strongly a sublayer's share of the residual stream weighs its linears (see :class:`LinearSpectrum`).
@@ -158,9 +158,3 @@ def _worth(spec: LinearSpectrum, weight: float, s: LinearShape, k: int) -> float
     """Damage avoided per parameter by keeping direction ``k`` (0-based) of ``s``."""
     lam = float(spec.eigvals[k]) if k < spec.eigvals.numel() else 0.0
     return weight * max(lam, 0.0) / (s.d_in + s.d_out)
-
-
-def check_budget(shapes: Sequence[LinearShape], ranks: dict[str, int], ratio: float) -> None:
-    """Every allocation keeps at most ``(1 − ratio)`` of the block-linear parameters."""
-    dense, kept = linear_params(shapes, ranks)
-    assert kept <= (1 - ratio) * dense + 1e-6 * dense, (kept, dense, ratio)

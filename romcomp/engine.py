@@ -35,8 +35,6 @@ from romcomp.memory import release_heap, resident_bytes
 from romcomp.methods import Decompose
 from romcomp.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
 
-FITS = ("error-aware", "local")
-
 
 @dataclass
 class BlockTimes:
