@@ -13,9 +13,10 @@ from transformers import AutoConfig, AutoTokenizer
 
 from romcomp import __version__
 from romcomp.allocation import allocate_auto, allocate_last_n, allocate_v2
-from romcomp.archs import ArchSpec, arch_for
+from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.config import CompressConfig
+from romcomp.discovery import discover, text_config
 from romcomp.engine import BlockTimes, Engine, Target, build_shell, stream_blocks
 from romcomp.errors import BadInputError
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
@@ -82,11 +83,12 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         first = block.get_submodule(group[0])
         narrow = output_stats and len(group) == 1 and first.out_features < first.in_features
         covs.append(first.out_features if narrow else first.in_features)
+    cfg = text_config(hf_config)
     return ModelDims(
-        hidden=hf_config.hidden_size,
-        intermediate=getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size),
-        heads=hf_config.num_attention_heads,
-        vocab=hf_config.vocab_size,
+        hidden=cfg.hidden_size,
+        intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+        heads=cfg.num_attention_heads,
+        vocab=cfg.vocab_size,
         block_params=sum(p.numel() for p in block.parameters()),
         linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins),
         cov_dims=tuple(covs),
@@ -130,8 +132,7 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     calib = load_calibration(cfg.calib, cfg.data_dir)
     source = resolve_model(cfg.model)
     hf_config = AutoConfig.from_pretrained(source.path)
-    arch = arch_for(hf_config.model_type)
-    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    max_pos = getattr(text_config(hf_config), "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
         raise BadInputError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
     ckpt = LazyCheckpoint(source.path)
@@ -140,7 +141,8 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     ckpt.verify(
         {n: tuple(t.shape) for n, t in shell.state_dict().items()}, {"lm_head.weight"} if tied else set()
     )
-    n_blocks = hf_config.num_hidden_layers
+    arch = discover(shell, hf_config, ckpt)
+    n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
     fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
@@ -182,7 +184,7 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
         for t, ratio in zip(targets, ratios, strict=True):
             if t.manifest.status != "complete":
                 t.output.copy_shard(n_blocks, engine.top_level_names(tied), ckpt)
-                config = _output_config(hf_config, arch, cfg, ratio, t.ranks, calib_desc, source.description)
+                config = _output_config(hf_config, cfg, ratio, t.ranks, calib_desc, source.description)
                 t.output.finalize(config, source.path, t.manifest)
     finally:
         for t in targets:
@@ -291,22 +293,23 @@ def _ranks(
 
 def _output_config(
     hf_config,
-    arch: ArchSpec,
     cfg: CompressConfig,
     ratio: float,
     ranks: dict[str, int],
     calib: str,
     source: str,
 ) -> dict:
-    """config.json of the output: the dense config, a distinct model_type, auto_map and the romcomp record."""
-    from romcomp.hf.configuration_romcomp import CONFIGS
-    from romcomp.hf.modeling_romcomp import MODELS
+    """config.json of the output: the dense config unchanged (its own ``model_type`` and architectures, so
+    tokenizers and tools see the family they know) plus a ``quantization_config`` of ``quant_method``
+    ``romcomp`` holding the rank map and the record of the run, and an ``auto_map`` for
+    ``trust_remote_code`` loading without romcomp installed."""
+    from romcomp.hf.modeling_romcomp import QUANT_METHOD
 
-    config_cls, model_cls = CONFIGS[arch.family], MODELS[arch.family]
-    d = hf_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-        d.pop(key, None)
-    romcomp = {
+    config = hf_config.to_dict()
+    for key in ("auto_map", "transformers_version", "_name_or_path"):
+        config.pop(key, None)
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
         "version": __version__,
         "method": cfg.method,
         "ratio": ratio,
@@ -318,10 +321,5 @@ def _output_config(
         "source": source,
         "ranks": ranks,
     }
-    config = config_cls(**d, romcomp=romcomp).to_dict()
-    config["architectures"] = [model_cls.__name__]
-    config["auto_map"] = {
-        "AutoConfig": f"configuration_romcomp.{config_cls.__name__}",
-        "AutoModelForCausalLM": f"modeling_romcomp.{model_cls.__name__}",
-    }
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_romcomp.RomcompForCausalLM"}
     return config

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from romcomp.activations import Boundary
 from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
+from romcomp.discovery import materialized, text_config, top_level_names
 from romcomp.errors import RomcompError
 from romcomp.hf.modeling_romcomp import swap_linear
 from romcomp.memory import release_heap, resident_bytes
@@ -69,7 +69,7 @@ class Engine:
     fit: str = "local"  # "error-aware": regress the dense outputs on the compressed inputs (two streams)
     cross_method: Decompose | None = None  # the error-aware fit (CrossStats -> Factors)
     compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
-    block_kwargs: dict[int, dict] = field(default_factory=dict)
+    block_calls: dict[tuple[int, int], tuple[tuple, dict]] = field(default_factory=dict)  # (block, batch)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -77,56 +77,69 @@ class Engine:
 
     @property
     def base(self) -> nn.Module:
-        return self.model.get_submodule(self.arch.blocks.rpartition(".")[0])
+        return self.model.get_submodule(self.arch.base)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def capture_inputs(self, windows: torch.Tensor, boundaries: Sequence[Boundary]) -> None:
-        """Run embeddings (and mask/rotary set-up) for every batch and keep block 0's inputs and kwargs.
+        """Run the embeddings (and the mask/rotary set-up) for every batch; keep block 0's inputs and
+        what every block receives besides its hidden states (masks differ between sliding-window and
+        full-attention layers, Gemma 3 has two rotary embeddings, BERT passes its mask positionally).
 
-        Every stream starts from the same block-0 inputs. With no ``boundaries`` only the kwargs are
-        captured (resuming: the activations are on disk).
+        The blocks are replaced by identities for the capture, so one forward records every block's call
+        without computing any. Every stream starts from the same block-0 inputs. With no ``boundaries``
+        only the calls are captured (resuming: the activations are on disk).
         """
-        embed_name = f"{self.arch.embed}.weight"
-        with self._materialized({embed_name: self.ckpt.get(embed_name).float()}):
-            seen: dict = {}
+        tensors = {n: self.ckpt.get(n).float() for n in top_level_names(self.ckpt, self.arch.blocks,
+                                                                          self.arch.lm_head)}  # fmt: skip
+        n_layers = len(self.layers)
+        seen: dict[int, tuple[torch.Tensor, tuple, dict]] = {}
 
+        def recorder(index: int):
             def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-                seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-                seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                raise StopForward
+                hidden = args[0] if args else kwargs["hidden_states"]
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                seen[index] = (hidden, tuple(args[1:]), rest)
+                if index == n_layers - 1:
+                    raise StopForward
 
-            handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-            try:
+            return hook
+
+        def identity(hidden_states=None, *args, **kwargs):
+            return hidden_states if hidden_states is not None else args[0]
+
+        handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
+                   for i, layer in enumerate(self.layers)]  # fmt: skip
+        for layer in self.layers:
+            layer.forward = identity
+        try:
+            with materialized(self.model, tensors), torch.inference_mode():
                 for start, stop in self.batches(windows.shape[0]):
                     size = stop - start
-                    if not boundaries and size in self.block_kwargs:
+                    if not boundaries and (0, size) in self.block_calls:
                         continue
                     try:
                         self.base(input_ids=windows[start:stop], use_cache=False)
                     except StopForward:
                         pass
-                    self.block_kwargs.setdefault(size, seen["kwargs"])
+                    for i in range(n_layers):
+                        self.block_calls.setdefault((i, size), seen[i][1:])
                     for boundary in boundaries:
-                        boundary.write(start, seen["hidden"])
-            finally:
-                handle.remove()
+                        boundary.write(start, seen[0][0])
+                    seen.clear()
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in self.layers:
+                del layer.forward
+
+    def call_block(self, block: nn.Module, index: int, hidden: torch.Tensor):
+        """Block ``index``'s forward on ``hidden`` with the arguments its own layer received."""
+        args, kwargs = self.block_calls[(index, hidden.shape[0])]
+        return block(hidden, *args, **kwargs)
 
     def batches(self, n: int) -> Iterator[tuple[int, int]]:
         for start in range(0, n, self.batch_size):
             yield start, min(start + self.batch_size, n)
-
-    @contextmanager
-    def _materialized(self, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Temporarily give meta parameters real values (top-level tensors such as the embedding)."""
-        from accelerate.utils import set_module_tensor_to_device
-
-        for name, value in tensors.items():
-            set_module_tensor_to_device(self.model, name, "cpu", value=value)
-        try:
-            yield
-        finally:
-            for name in tensors:
-                set_module_tensor_to_device(self.model, name, "meta")
 
     # -- one block -------------------------------------------------------------------------------------
     def load_block(self, index: int) -> nn.Module:
@@ -143,7 +156,7 @@ class Engine:
             ) from None
         return block
 
-    def forward(self, block: nn.Module, source: Boundary, sink: Boundary | None) -> None:
+    def forward(self, index: int, block: nn.Module, source: Boundary, sink: Boundary | None) -> None:
         """Run the calibration windows through ``block``; outputs (float32) go to ``sink`` when given.
 
         With a bfloat16 compute dtype, autocast runs the matmuls in bfloat16 (weights and activations
@@ -152,7 +165,7 @@ class Engine:
         low = self.compute_dtype != torch.float32
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
             for start, stop in self.batches(source.shape[0]):
-                out = block(source.read(start, stop), **self.block_kwargs[stop - start])
+                out = self.call_block(block, index, source.read(start, stop))
                 self._emit(out, sink, start, stop)
 
     @staticmethod
@@ -183,13 +196,13 @@ class Engine:
             )
             t0 = time.perf_counter()
             if not filled:
-                self.forward(base, dense_source, dense_sink)
+                self.forward(index, base, dense_source, dense_sink)
         else:
             notes = [self._fit_local(index, b, v, times) for b, v in zip(blocks, variants, strict=True)]
             t0 = time.perf_counter()
         for block, v in zip(blocks, variants, strict=True):
             if self.fit == "error-aware" or self.calib_stream == "compressed":
-                self.forward(block, v.source, v.sink)
+                self.forward(index, block, v.source, v.sink)
         times.forward += time.perf_counter() - t0
         return blocks, times, notes
 
@@ -226,7 +239,7 @@ class Engine:
             try:
                 sink = dense_sink if last else None
                 pairs = [(blocks[j], variants[j].source) for j in active]
-                self._paired_forward(dense, dense_source, sink, pairs)
+                self._paired_forward(index, dense, dense_source, sink, pairs)
                 filled = sink is not None
             finally:
                 collector.close()
@@ -244,7 +257,7 @@ class Engine:
         return notes, filled
 
     def _paired_forward(
-        self, dense: nn.Module, dense_source: Boundary, dense_sink: Boundary | None,
+        self, index: int, dense: nn.Module, dense_source: Boundary, dense_sink: Boundary | None,
         compressed: list[tuple[nn.Module, Boundary]],
     ) -> None:  # fmt: skip
         """Per batch: the dense forward (to ``dense_sink`` when it runs to the end), then each compressed
@@ -252,10 +265,9 @@ class Engine:
         low = self.compute_dtype != torch.float32
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
             for start, stop in self.batches(dense_source.shape[0]):
-                kwargs = self.block_kwargs[stop - start]
                 for module, stream in [(dense, dense_source), *compressed]:
                     try:
-                        out = module(stream.read(start, stop), **kwargs)
+                        out = self.call_block(module, index, stream.read(start, stop))
                     except StopForward:
                         continue
                     if module is dense and dense_sink is not None:
@@ -276,7 +288,7 @@ class Engine:
                 collect_input_stats(block, by_input) as stats,
                 collect_output_stats(block, [g[0] for g in by_output]) as out_stats,
             ):
-                self.forward(block, variant.source, variant.sink if dense_outputs else None)
+                self.forward(index, block, variant.source, variant.sink if dense_outputs else None)
             times.forward += time.perf_counter() - t0
             t0 = time.perf_counter()
             for group in stage:
@@ -328,7 +340,7 @@ class Engine:
         """Everything outside the blocks (embeddings, final norm, untied lm_head), copied unchanged."""
         prefix = f"{self.arch.blocks}."
         names = [n for n in self.ckpt.keys() if not n.startswith(prefix)]
-        if tied:
+        if tied and self.arch.lm_head:
             names = [n for n in names if not n.startswith(f"{self.arch.lm_head}.")]
         return names
 
@@ -353,7 +365,7 @@ def stream_blocks(engine: Engine, targets: Sequence[Target], windows: torch.Tens
     first = min(min(set(range(n_blocks)) - set(t.manifest.blocks_done), default=n_blocks) for t in targets)
     if first == n_blocks:
         return times
-    shape = (windows.shape[0], windows.shape[1], engine.model.config.hidden_size)
+    shape = (windows.shape[0], windows.shape[1], text_config(engine.model.config).hidden_size)
     home = targets[0].output
 
     def boundaries(index: int, make) -> tuple[Boundary | None, list[Boundary]]:

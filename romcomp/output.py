@@ -39,7 +39,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
-HF_CODE = ("configuration_romcomp.py", "modeling_romcomp.py")
+HF_CODE = ("modeling_romcomp.py",)
 
 
 def args_hash(args: dict) -> str:
@@ -51,13 +51,20 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
+def romcomp_record(config: dict) -> dict | None:
+    """The record of the run that wrote an output's ``config.json`` (its ``quantization_config``), or
+    None for any other model."""
+    record = config.get("quantization_config")
+    return record if isinstance(record, dict) and record.get("quant_method") == "romcomp" else None
+
+
 def is_romcomp_output(path: Path) -> bool:
     if (path / WORK / MANIFEST).exists():
         return True
     config = path / "config.json"
     if config.exists():
         try:
-            return "romcomp" in json.loads(config.read_text())
+            return romcomp_record(json.loads(config.read_text())) is not None
         except ValueError:
             return False
     return False

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from romcomp.activations import Boundary
 from romcomp.allocation import LinearSpectrum
 from romcomp.checkpoint import atomic_save_safetensors
+from romcomp.discovery import text_config
 from romcomp.engine import Engine
 from romcomp.errors import RomcompError
 from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
@@ -81,7 +82,7 @@ def profile_block(
             for start, stop in engine.batches(source.shape[0]):
                 current["x"] = source.read(start, stop)
                 energy["in0"] += float(current["x"].double().pow(2).sum())
-                out = block(current["x"], **engine.block_kwargs[stop - start])
+                out = engine.call_block(block, index, current["x"])
                 out = out[0] if isinstance(out, tuple) else out
                 if not torch.isfinite(out).all():
                     raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
@@ -123,7 +124,7 @@ def profile(engine: Engine, output, windows: torch.Tensor, in_ram: bool, n_block
     todo = [i for i in range(n_blocks) if not spectra_path(work, i).exists()]
     if todo:
         spectra_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
-        shape = (windows.shape[0], windows.shape[1], engine.model.config.hidden_size)
+        shape = (windows.shape[0], windows.shape[1], text_config(engine.model.config).hidden_size)
         first = todo[0]
         if first == 0:
             source = Boundary.create(output.acts_path(0, "profile"), shape, in_ram)

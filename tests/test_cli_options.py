@@ -67,15 +67,15 @@ def compress(tiny_llama: Path, calib_text: Path, tmp_path_factory):
 
 def load(out: Path) -> torch.nn.Module:
     """The output through the registered Auto classes (no ``trust_remote_code``), every key accounted for."""
-    assert romcomp.__version__  # the import registers romcomp_<family> with the Auto classes
+    assert romcomp.__version__  # the import registers the "romcomp" quantization method
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert type(model).__name__ == "RomcompLlamaForCausalLM"
+    assert type(model).__name__ == "LlamaForCausalLM"
     return model.eval()
 
 
 def record(out: Path) -> dict:
-    return json.loads((out / "config.json").read_text())["romcomp"]
+    return json.loads((out / "config.json").read_text())["quantization_config"]
 
 
 def manifest_args(out: Path) -> dict:

@@ -66,27 +66,34 @@ def test_output_loads_without_missing_keys_and_generates(tiny_qwen2, tmp_path, c
     layer = model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == "LowRankLinear" and layer.up.bias is not None  # Qwen2 q/k/v bias kept
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "romcomp_qwen2" and config["romcomp"]["ranks"] == result.ranks
-    assert "calib-english.txt" in config["romcomp"]["calibration"]
+    record = config["quantization_config"]
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    assert record["quant_method"] == "romcomp" and record["ranks"] == result.ranks
+    assert "calib-english.txt" in record["calibration"]
     generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 8)
     assert abs(result.linear_ratio_removed - 0.4) < 0.02
 
 
-def test_dense_loading_fails_loudly(tiny_llama, tmp_path, calib):
+def test_plain_transformers_loading_warns_loudly(tiny_llama, tmp_path, calib):
+    """Without romcomp and without ``trust_remote_code`` transformers cannot build the low-rank leaves: it
+    must say so (unknown quantization method, missing weights), never load quietly."""
     out = tmp_path / "out"
     run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
     code = f"from transformers import AutoModelForCausalLM as M; M.from_pretrained({str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "trust_remote_code" in proc.stderr
+    assert "Unknown quantization type, got romcomp" in proc.stderr and "MISSING" in proc.stderr
 
 
 def test_registered_auto_classes_load_without_remote_code(tiny_llama, tmp_path, calib):
     out = tmp_path / "out"
     run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
     assert romcomp.__version__
-    model = AutoModelForCausalLM.from_pretrained(out)  # works because `import romcomp` registered the classes
-    assert type(model).__name__ == "RomcompLlamaForCausalLM"
+    model = AutoModelForCausalLM.from_pretrained(
+        out
+    )  # `import romcomp` registered the quantizer
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "LowRankLinear"
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -128,7 +135,7 @@ def test_rerun_with_other_arguments_is_refused(tiny_llama, tmp_path, calib):
     with pytest.raises(BadInputError, match="different arguments .*ratio"):
         run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, calib=calib, **SMALL))
     run(CompressConfig(model=str(tiny_llama), ratio=0.4, out=out, calib=calib, overwrite=True, **SMALL))
-    assert json.loads((out / "config.json").read_text())["romcomp"]["ratio"] == 0.4
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ratio"] == 0.4
 
 
 def test_foreign_directory_is_never_overwritten(tiny_llama, tmp_path, calib):

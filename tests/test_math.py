@@ -163,12 +163,12 @@ def test_float32_eigensolver_costs_nothing_on_real_statistics(smol_dir, data_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib import calibration_windows, load_calibration
-    from romcomp.archs import arch_for
+    from romcomp.discovery import discover
     from romcomp.methods import rom
     from romcomp.stats import collect_input_stats
 
     model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
-    arch = arch_for(model.config.model_type)
+    arch = discover(model, model.config)
     tokenizer = AutoTokenizer.from_pretrained(smol_dir)
     windows = calibration_windows(tokenizer, load_calibration("c4", data_dir), 4, 256, 0)
     block = model.get_submodule(arch.blocks)[1]

@@ -70,7 +70,7 @@ def test_fresh_process_reload_matches_dense_reconstruction(compressed, smol_dir,
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
-    ranks = json.loads((out / "config.json").read_text())["romcomp"]["ranks"]
+    ranks = json.loads((out / "config.json").read_text())["quantization_config"]["ranks"]
     tensors = {}
     for shard in out.glob("model-*.safetensors"):
         tensors.update(load_file(shard))

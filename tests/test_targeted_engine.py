@@ -48,7 +48,7 @@ def test_several_ratios_equal_separate_runs_bit_for_bit(tiny4, tmp_path, calib_t
         assert single.plan.batch_size == result.plan.batch_size
         assert single.ranks == result.ranks
         assert shards(result.out) == shards(single.out)
-        record = json.loads((result.out / "config.json").read_text())["romcomp"]
+        record = json.loads((result.out / "config.json").read_text())["quantization_config"]
         assert (record["ratio"], record["fit"], record["allocation"]) == (result.ratio, "error-aware", "auto")
         dense, kept = linear_params(result.shapes, result.ranks)
         assert result.ratio <= 1 - kept / dense < result.ratio + 0.02
@@ -98,15 +98,17 @@ def test_cli_options_allocation_fit_last_n_and_ratio_list(tiny4, tmp_path, calib
     for name, opts in cases.items():
         proc = romcomp_cli(*common, *opts, "--out", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr[-2000:]
-        record = json.loads((tmp_path / name / "config.json").read_text())["romcomp"]
+        record = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
         assert record["allocation"] == opts[opts.index("--allocation") + 1]
         assert "kept/10" in proc.stdout  # the allocation at a glance
-    lastn = json.loads((tmp_path / "lastn" / "config.json").read_text())["romcomp"]
+    lastn = json.loads((tmp_path / "lastn" / "config.json").read_text())["quantization_config"]
     assert lastn["fit"] == "local" and {n.split(".")[2] for n in lastn["ranks"]} == {"2", "3"}
     proc = romcomp_cli(*common, "--ratio", "0.1,0.3", "--out", str(tmp_path / "many"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     for r in ("0.1", "0.3"):
-        record = json.loads((tmp_path / "many" / f"src-r{r}" / "config.json").read_text())["romcomp"]
+        record = json.loads((tmp_path / "many" / f"src-r{r}" / "config.json").read_text())[
+            "quantization_config"
+        ]
         assert record["ratio"] == float(r)
     assert proc.stdout.count("output       ") == 2
 
@@ -182,10 +184,13 @@ def test_cli_seed_and_overwrite(tiny4, tmp_path, calib_text):
         proc = romcomp_cli(*common, "--ratio", "0.3", "--seed", seed, "--out", str(out))
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[seed] = out
-        assert f"seed {seed}" in json.loads((out / "config.json").read_text())["romcomp"]["calibration"]
+        assert (
+            f"seed {seed}"
+            in json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]
+        )
     assert shards(runs["0"]) != shards(runs["1"])
     refused = romcomp_cli(*common, "--ratio", "0.4", "--out", str(runs["0"]))
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     again = romcomp_cli(*common, "--ratio", "0.4", "--out", str(runs["0"]), "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((runs["0"] / "config.json").read_text())["romcomp"]["ratio"] == 0.4
+    assert json.loads((runs["0"] / "config.json").read_text())["quantization_config"]["ratio"] == 0.4

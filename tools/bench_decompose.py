@@ -98,13 +98,13 @@ def real_stats(model_spec: str, n_samples: int, seq_len: int, blocks: list[int] 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib import calibration_windows, load_calibration
-    from romcomp.archs import arch_for
+    from romcomp.discovery import discover
     from romcomp.sources import resolve_model
     from romcomp.stats import collect_input_stats
 
     source = resolve_model(model_spec)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    arch = arch_for(model.config.model_type)
+    arch = discover(model, model.config)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     windows = calibration_windows(tokenizer, load_calibration("c4"), n_samples, seq_len, 0)
     layers = model.get_submodule(arch.blocks)

@@ -258,7 +258,10 @@ def has_top_shard(out: Path) -> bool:
 
 def is_finished(out: Path) -> bool:
     try:
-        return "romcomp" in json.loads((out / "config.json").read_text())
+        return (
+            json.loads((out / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+            == "romcomp"
+        )
     except (OSError, ValueError):
         return False
 

@@ -43,7 +43,10 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
 
 def finished(out: Path) -> bool:
     config = out / "config.json"
-    return config.is_file() and "romcomp" in json.loads(config.read_text())
+    return (
+        config.is_file()
+        and json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "romcomp"
+    )
 
 
 def compress(args: argparse.Namespace, ratio: float, log: Path) -> dict[str, Any]:

@@ -195,15 +195,16 @@ def model_identity(resolved: Any, model: Any) -> dict[str, Any]:
     import json
 
     from romcomp.evaluation.efficiency import weight_bytes_on_disk
+    from romcomp.output import romcomp_record
 
     config = resolved.path / "config.json"
     manifest = resolved.path / ".romcomp" / "manifest.json"
-    record = json.loads(config.read_text()).get("romcomp")
+    record = romcomp_record(json.loads(config.read_text()))
     cfg = model.config
     romcomp = None
     if isinstance(record, dict):
-        romcomp = {k: record.get(k) for k in ("ratio", "method", "allocation", "calib_stream", "calibration",
-                                              "source", "version")}  # fmt: skip
+        romcomp = {k: record.get(k) for k in ("ratio", "method", "allocation", "fit", "calib_stream",
+                                              "calibration", "source", "version")}  # fmt: skip
     return {
         "spec": resolved.spec, "path": str(resolved.path), "description": resolved.description,
         "fingerprint": resolved.fingerprint,

@@ -1,0 +1,160 @@
+"""Any decoder family, found by discovery (no per-family table): tiny random models of each family.
+
+Full rank reproduces the dense logits; compressed at 0.3 the output reloads in a fresh process (plain
+transformers + ``trust_remote_code``, romcomp not imported) with no missing or unexpected keys and
+generates; every block receives its own layer's masks (sliding-window layers differ from full ones); a
+layout discovery cannot handle is refused in one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import romcomp
+from romcomp.activations import Boundary
+from romcomp.api import run
+from romcomp.checkpoint import LazyCheckpoint
+from romcomp.config import CompressConfig
+from romcomp.discovery import discover
+from romcomp.engine import Engine, build_shell
+from romcomp.methods import get_method
+from tests.conftest import make_tokenizer, romcomp_cli
+from tests.families import DENSE_FAMILIES, HIDDEN, make_family_model
+
+SMALL = {"n_samples": 8, "seq_len": 32, "progress": False, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: make_family_model(root / f, f) for f in DENSE_FAMILIES}
+
+
+def full_ranks(src: Path) -> dict[str, int]:
+    """Rank min(d_in (+1 with bias), d_out) for every linear discovery finds: the fit is then exact."""
+    model = AutoModelForCausalLM.from_pretrained(src)
+    arch = discover(model, model.config)
+    layers = model.get_submodule(arch.blocks)
+    ranks = {}
+    for i, layer in enumerate(layers):
+        for name in arch.linears:
+            lin = layer.get_submodule(name)
+            ranks[arch.block_prefix(i) + name] = min(
+                lin.in_features + int(lin.bias is not None), lin.out_features
+            )
+    return ranks
+
+
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_full_rank_reproduces_dense_logits(family, sources, tmp_path, calib_text):
+    src = sources[family]
+    out = tmp_path / "out"
+    run(
+        CompressConfig(
+            model=str(src), ratio=0.3, ranks=full_ranks(src), out=out, calib=str(calib_text), **SMALL
+        )
+    )
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert romcomp.__version__  # registered quantization method: no trust_remote_code
+    with torch.inference_mode():
+        dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+        compressed = model(ids).logits
+    torch.testing.assert_close(compressed, dense, rtol=1e-4, atol=2e-4)
+
+
+RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+report = {}
+for family, out in json.loads(sys.argv[1]).items():
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    low = sum(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    report[family] = {"class": type(model).__name__, "low_rank": low, "tokens": ids.shape[1],
+                      **{k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}}
+print(json.dumps(report))
+"""
+
+
+def test_compressed_families_reload_in_a_fresh_process_and_generate(sources, tmp_path, calib_text):
+    outs = {}
+    for family, src in sources.items():
+        result = run(CompressConfig(model=str(src), ratio=0.3, out=tmp_path / family, calib=str(calib_text),
+                                    **SMALL))  # fmt: skip
+        assert abs(result.linear_ratio_removed - 0.3) < 0.03, family
+        outs[family] = str(result.out)
+    proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(outs)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for family in sources:
+        got = report[family]
+        assert got["missing_keys"] == got["unexpected_keys"] == got["mismatched_keys"] == [], (family, got)
+        assert got["low_rank"] > 0 and got["tokens"] == 8, (family, got)
+        assert not got["class"].startswith("Romcomp"), got  # the family's own class, low-rank leaves
+
+
+def _boundaries_through_engine(src: Path, windows: torch.Tensor, tmp_path: Path, wrong: bool) -> list:
+    """Block outputs computed the way the engine does (captured calls, one block at a time)."""
+    cfg = AutoConfig.from_pretrained(src)
+    shell, ckpt = build_shell(cfg), LazyCheckpoint(src)
+    engine = Engine(model=shell, arch=discover(shell, cfg, ckpt), ckpt=ckpt, method=get_method("rom"),
+                    out_dtype=torch.float32, batch_size=2)  # fmt: skip
+    shape = (*windows.shape, HIDDEN)
+    source = Boundary.create(tmp_path / "a0", shape, in_ram=True)
+    engine.capture_inputs(windows, [source])
+    if wrong:  # every block gets block 0's arguments (its sliding-window mask)
+        for index, size in list(engine.block_calls):
+            engine.block_calls[(index, size)] = engine.block_calls[(0, size)]
+    outs = []
+    for i in range(cfg.num_hidden_layers):
+        sink = Boundary.create(tmp_path / f"a{i + 1}", shape, in_ram=True)
+        engine.forward(i, engine.load_block(i), source, sink)
+        engine.free_block(i)
+        outs.append(sink.ram.clone())
+        source = sink
+    return outs
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
+def test_each_block_gets_its_own_layers_mask(family, sources, tmp_path):
+    """Sliding-window layers alternate with full-attention ones: the engine's block outputs equal the
+    model's hidden states only with each layer's own mask (checked to matter: block 0's everywhere is
+    measurably wrong)."""
+    src = sources[family]
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        hidden = AutoModelForCausalLM.from_pretrained(src)(windows, output_hidden_states=True).hidden_states
+    right = _boundaries_through_engine(src, windows, tmp_path / "right", wrong=False)
+    wrong = _boundaries_through_engine(src, windows, tmp_path / "wrong", wrong=True)
+    for i in range(len(right) - 1):  # the last hidden state is after the final norm
+        torch.testing.assert_close(right[i], hidden[i + 1], rtol=1e-5, atol=1e-5)
+    assert (wrong[1] - hidden[2]).abs().max() > 1e-3  # block 1 is a full-attention layer
+
+
+def test_unknown_layout_is_refused_in_one_line(tmp_path, calib_text):
+    """GPT-2 builds its projections from ``Conv1D``, not ``nn.Linear``: exit 2, one line, nothing written."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=258, n_positions=128, bos_token_id=256,
+                        eos_token_id=257)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(src)
+    make_tokenizer(src)
+    out = tmp_path / "out"
+    proc = romcomp_cli(
+        str(src), "--ratio", "0.3", "--calib", str(calib_text), "--seq-len", "32", "--out", str(out)
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nn.Linear" in lines[0] and "Conv1D" in lines[0], proc.stderr
+    assert not out.exists()
