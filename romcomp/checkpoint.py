@@ -192,7 +192,18 @@ def atomic_save_safetensors(
     fsync_dir(path.parent)
 
 
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def atomic_stream_safetensors(

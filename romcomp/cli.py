@@ -53,8 +53,16 @@ def compress(
     calib: Annotated[
         str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")
     ] = "c4",
-    n_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    n_samples: Annotated[
+        int | None,
+        typer.Option(help="Calibration windows [default: 128; 512 for encoders].", show_default=False),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per calibration window [default: 512; 64 for encoders].", show_default=False
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
     data_dir: Annotated[
         Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")

@@ -15,11 +15,13 @@ CALIB_STREAMS = ("compressed", "dense")
 FITS = ("error-aware", "local")
 ALLOCATIONS = ("auto", "uniform", "v2", "last-n")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+CALIB_DEFAULTS = {"decoder": (128, 512), "encoder": (512, 64)}  # (windows, tokens per window)
 
 
 @dataclass
 class CompressConfig:
-    """Everything that defines a run. Defaults: 128 × 512 C4 tokens (the SVD-LLM / GPTQ convention)."""
+    """Everything that defines a run. Calibration defaults (:data:`CALIB_DEFAULTS`): 128 × 512 C4 tokens
+    for decoders (the SVD-LLM / GPTQ convention), 512 × 64 for encoders (sentence-length windows)."""
 
     model: str
     ratio: float | Sequence[float]  # several: one output per ratio (see :meth:`out_paths`)
@@ -27,8 +29,8 @@ class CompressConfig:
     max_ram: str | None = None
     method: str = "rom"
     calib: str = "c4"
-    n_samples: int = 128
-    seq_len: int = 512
+    n_samples: int | None = None  # None: CALIB_DEFAULTS for the model's kind, set by resolve_calibration
+    seq_len: int | None = None
     seed: int = 0
     data_dir: Path | None = None
     calib_stream: str = "compressed"
@@ -99,11 +101,21 @@ class CompressConfig:
                 f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype}"
             )
         for name in ("n_samples", "seq_len"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadInputError(f"--{name.replace('_', '-')} must be positive")
         if self.threads is not None and self.threads < 1:
             raise BadInputError("--threads must be positive")
         return parse_size(self.max_ram) if self.max_ram else None
+
+    def resolve_calibration(self, encoder: bool) -> None:
+        """Fill the calibration shape the user left unset with the default for the model's kind.
+
+        Why two defaults: a sentence encoder sees short inputs; calibrating all-MiniLM-L6-v2 on 64-token
+        windows kept its embeddings closer to the dense model's on held-out sentences than 128- or
+        256-token windows did (README, encoders)."""
+        n_samples, seq_len = CALIB_DEFAULTS["encoder" if encoder else "decoder"]
+        self.n_samples = self.n_samples or n_samples
+        self.seq_len = self.seq_len or seq_len
 
     def default_out(self, ratio: float) -> Path:
         """``<model name>-r<ratio>`` in the working directory."""

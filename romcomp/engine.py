@@ -23,7 +23,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from romcomp.activations import Boundary
 from romcomp.archs import ArchSpec
@@ -424,10 +424,18 @@ def stream_blocks(engine: Engine, targets: Sequence[Target], windows: torch.Tens
     return times
 
 
+def is_encoder(hf_config) -> bool:
+    """A checkpoint of a bare (encoder) model such as ``BertModel``, loaded with ``AutoModel``, rather
+    than a causal LM: decided by the architectures the checkpoint declares."""
+    archs = getattr(hf_config, "architectures", None) or []
+    return bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
 def build_shell(hf_config) -> nn.Module:
     """The whole model on the meta device (no memory), float32, in eval mode, with no KV cache."""
+    auto = AutoModel if is_encoder(hf_config) else AutoModelForCausalLM
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = auto.from_config(hf_config, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False
     return model

