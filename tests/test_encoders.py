@@ -81,8 +81,9 @@ from transformers import AutoModel
 model, info = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, output_loading_info=True)
 ids = torch.tensor([[1, 2, 3, 4, 257, 257]]); mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
 out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-print(json.dumps({"class": type(model).__name__, "shape": list(out.shape), "finite": bool(out.isfinite().all()),
-                  **{k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}}))
+keys = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+finite = bool(out.isfinite().all())
+print(json.dumps({"class": type(model).__name__, "shape": list(out.shape), "finite": finite, **keys}))
 """
 
 

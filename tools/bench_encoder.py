@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python tools/bench_encoder.py --model all-minilm-l6-v2 --ratios 0.1,0.2,0.3 --out-dir /tmp/benc --threads 2
+    python tools/bench_encoder.py --ratios 0.1,0.2,0.3 --out-dir /tmp/benc --threads 2
 
 Each configuration is one ``romcomp`` run writing every ratio; then the mean-pooled (attention-masked)
 embeddings of held-out text — the first 500 distinct SNLI test sentences and the 100 held-out C4 documents
