@@ -95,7 +95,8 @@ def test_compressed_bert_reloads_with_automodel_in_a_fresh_process(tiny_bert, tm
     assert config["model_type"] == "bert" and config["auto_map"] == {
         "AutoModel": "modeling_romcomp.RomcompModel"
     }
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=300,
+    cmd = [sys.executable, "-c", RELOAD, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

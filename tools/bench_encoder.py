@@ -111,7 +111,8 @@ def main() -> None:
             cos = embedding_cosines(args.model, parent / f"{args.model}-r{r:g}", args.data_dir)
             rows.append((name, r, cos, seconds, rss))
     print(
-        "| configuration | ratio | SNLI mean | SNLI min | C4 mean | C4 min | compress s (all ratios) | peak RSS |"
+        "| configuration | ratio | SNLI mean | SNLI min | C4 mean | C4 min | compress s (all ratios) "
+        "| peak RSS |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, r, cos, seconds, rss in rows:
