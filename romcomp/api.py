@@ -19,6 +19,7 @@ from romcomp.config import CompressConfig
 from romcomp.discovery import discover, text_config
 from romcomp.engine import BlockTimes, Engine, Target, build_shell, is_encoder, stream_blocks
 from romcomp.errors import BadInputError
+from romcomp.layout import as_model_names
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
 from romcomp.methods import CROSS_METHODS, get_method, get_output_method
 from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
@@ -52,6 +53,7 @@ class CompressResult:
     allocation: str = "uniform"
     fit: str = "local"
     ratios: tuple[float, ...] = ()  # every ratio of the run that produced this output
+    dense_other: tuple[str, ...] = ()  # block weights that are not nn.Linear (fused experts): kept dense
 
     @property
     def linear_ratio_removed(self) -> float:
@@ -71,6 +73,13 @@ def block_shapes(model: torch.nn.Module, arch: ArchSpec, n_blocks: int) -> list[
                 )
             )
     return shapes
+
+
+def unfactorized_weights(model: torch.nn.Module, arch: ArchSpec) -> tuple[str, ...]:
+    """Matrix-shaped block weights outside ``nn.Linear`` leaves (fused 3-D experts): they stay dense."""
+    block = model.get_submodule(arch.blocks)[0]
+    linear = {f"{n}.weight" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    return tuple(n for n, p in block.named_parameters() if p.dim() >= 2 and n not in linear)
 
 
 def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: bool) -> ModelDims:
@@ -136,8 +145,8 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     max_pos = getattr(text_config(hf_config), "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
         raise BadInputError(f"--seq-len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
-    ckpt = LazyCheckpoint(source.path)
     shell = build_shell(hf_config)
+    ckpt = as_model_names(LazyCheckpoint(source.path), shell)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     ckpt.verify(
         {n: tuple(t.shape) for n, t in shell.state_dict().items()}, {"lm_head.weight"} if tied else set()
@@ -145,6 +154,7 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     arch = discover(shell, hf_config, ckpt)
     n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
+    other = unfactorized_weights(shell, arch)
     fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
     streams = len(ratios) + int(cfg.fit == "error-aware")
@@ -220,6 +230,7 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
                 allocation=_allocation(cfg),
                 fit=cfg.fit,
                 ratios=tuple(ratios),
+                dense_other=other,
             )  # fmt: skip
         )
     return results

@@ -87,5 +87,8 @@ def summary(result: CompressResult) -> str:
     if result.notes:
         count = sum(len(v) for v in result.notes.values())
         lines.append(f"numerics     {count} guarded case(s); see {result.out}/.romcomp/manifest.json")
+    if result.dense_other:
+        kept = ", ".join(result.dense_other)
+        lines.append(f"kept dense   {kept} in every block (not nn.Linear leaves: not factorized)")
     lines.append(f"output       {result.out}")
     return "\n".join(lines)

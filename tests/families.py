@@ -68,8 +68,6 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "head_dim": HEAD_DIM},
     ),  # fmt: skip
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-DENSE_FAMILIES = tuple(f for f in FAMILIES if f not in MOE_FAMILIES)
 
 
 def tiny_config(family: str, layers: int = 3):
