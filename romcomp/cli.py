@@ -126,6 +126,8 @@ def compress(
         fit=fit, allocation=allocation, last_n=last_n,
         threads=threads, overwrite=overwrite, progress=progress, compute_dtype=compute_dtype,
     )  # fmt: skip
+    if ppl_windows > 0:
+        _refuse_encoder_perplexity(model)
     results = romcomp.api.run_many(cfg)
     for result in results:
         typer.echo(summary(result) + ("\n" if len(results) > 1 else ""))
@@ -135,6 +137,18 @@ def compress(
         for result in results:
             ba = before_after(result.source_dir, result.out, ppl_windows, data_dir=data_dir)
             typer.echo(f"ratio {result.ratio:g}: " + ba.line(result.calibration))
+
+
+def _refuse_encoder_perplexity(model: str) -> None:
+    """``--ppl-windows`` scores next-token prediction: refuse an encoder before any work."""
+    from transformers import AutoConfig
+
+    from romcomp.engine import is_encoder
+    from romcomp.errors import BadInputError
+    from romcomp.sources import resolve_model
+
+    if is_encoder(AutoConfig.from_pretrained(resolve_model(model).path)):
+        raise BadInputError(f"--ppl-windows measures a causal LM's perplexity; {model} is an encoder")
 
 
 def _register_subcommands() -> None:

@@ -123,3 +123,15 @@ def test_minilm_at_0_2_keeps_sentence_embeddings(tmp_path, data_dir):
     cosines = embedding_cosines("all-minilm-l6-v2", out, data_dir)
     for name, values in cosines.items():
         assert values.mean() >= 0.9, (name, float(values.mean()))
+
+
+def test_perplexity_option_is_refused_for_an_encoder(tiny_bert, tmp_path, calib_text):
+    from tests.conftest import romcomp_cli
+
+    out = tmp_path / "out"
+    proc = romcomp_cli(str(tiny_bert), "--ratio", "0.3", "--calib", str(calib_text), "--ppl-windows", "2",
+                       "--out", str(out))  # fmt: skip
+    assert (
+        proc.returncode == 2 and "is an encoder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    )
+    assert not out.exists()
