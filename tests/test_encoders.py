@@ -9,31 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import AutoModel
 
 import romcomp
 from romcomp.api import run
 from romcomp.config import CompressConfig
 from romcomp.discovery import discover
-from tests.conftest import make_tokenizer
+from tests.families import make_bert
 
 SMALL = {"n_samples": 8, "seq_len": 32, "progress": False, "threads": 1}
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bert") / "tiny-bert"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=258, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, pad_token_id=257)  # fmt: skip
-    model = BertModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    make_tokenizer(path)
-    return path
+    return make_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
 
 
 def padded_batch() -> dict[str, torch.Tensor]:

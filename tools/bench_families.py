@@ -43,24 +43,6 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
 
 
-def make_bert(path: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
-    from tests.conftest import make_tokenizer
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=258, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, pad_token_id=257)  # fmt: skip
-    model = BertModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    make_tokenizer(path)
-    return path
-
-
 def check_family(family: str, root: Path, calib: Path) -> dict[str, str]:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -68,7 +50,7 @@ def check_family(family: str, root: Path, calib: Path) -> dict[str, str]:
     from romcomp.api import run
     from romcomp.config import CompressConfig
     from romcomp.discovery import discover
-    from tests.families import make_family_model
+    from tests.families import make_bert, make_family_model
 
     small = {
         "n_samples": 8,

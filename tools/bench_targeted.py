@@ -153,7 +153,7 @@ def targets(table: list[dict[str, Any]], smollm2: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4", help="for uniform+local and the default")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4", help="for uniform+local, v2 and the default")
     parser.add_argument(
         "--side-ratios", default=None, help="for the other configurations (default: --ratios)"
     )
@@ -175,7 +175,7 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     side = [float(r) for r in (args.side_ratios or args.ratios).split(",")]
     start = time.perf_counter()
-    key = ("uniform+local", "auto+error-aware")
+    key = ("uniform+local", "v2+error-aware", "auto+error-aware")
     runs = [compress(args, name, ratios if name in key else side, log) for name in args.configs.split(",")]
     doc = evaluate(args, [o for run in runs for o in run["outs"].values()], log)
     table = rows(doc, runs)
