@@ -30,8 +30,6 @@ from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
 from romcomp.methods.rom import augmented_weight, whitening_root
 from romcomp.stats import collect_input_stats, collect_output_stats
 
-MASSIVE_CLIP = 10.0  # channels above this multiple of the median channel energy count as massive
-
 
 def spectra_path(work: Path, index: int) -> Path:
     return work / "spectra" / f"block-{index:05d}.safetensors"
@@ -68,11 +66,11 @@ def profile_block(
     narrow = [g for g in arch.groups if len(g) == 1 and _narrow(block.get_submodule(g[0]))]
     wide = [g for g in arch.groups if g not in narrow]
     writers = [arch.groups[sub[-1]][0] for sub in arch.sublayers]
-    energy: dict[str, torch.Tensor | float] = {"in0": 0.0, "in1": 0.0}  # per-channel sums of squares
+    energy = {"in0": 0.0, "in1": 0.0}
     current: dict[str, torch.Tensor] = {}
 
     def after_first_writer(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        energy["in1"] = energy["in1"] + (current["x"] + out).double().pow(2).sum((0, 1))
+        energy["in1"] += float((current["x"] + out).double().pow(2).sum())
 
     handle = block.get_submodule(writers[0]).register_forward_hook(after_first_writer)
     try:
@@ -83,7 +81,7 @@ def profile_block(
         ):
             for start, stop in engine.batches(source.shape[0]):
                 current["x"] = source.read(start, stop)
-                energy["in0"] = energy["in0"] + current["x"].double().pow(2).sum((0, 1))
+                energy["in0"] += float(current["x"].double().pow(2).sum())
                 out = engine.call_block(block, index, current["x"])
                 out = out[0] if isinstance(out, tuple) else out
                 if not torch.isfinite(out).all():
@@ -106,27 +104,13 @@ def profile_block(
         handle.remove()
     for n_sub, sub in enumerate(arch.sublayers):
         written = float(eig[writers[n_sub]].sum())
-        residual = informative_energy(energy[f"in{min(n_sub, 1)}"]) / tokens
+        residual = energy[f"in{min(n_sub, 1)}"] / tokens
         share = written / residual if residual > 0 else 0.0
         for gi in sub:
             for name in arch.groups[gi]:
                 result[f"{prefix}{name}.eigvals"] = eig[name]
                 result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
     return result
-
-
-def informative_energy(channels: torch.Tensor) -> float:
-    """The residual stream's energy without its massive activations: each channel's sum of squares clipped
-    at ``MASSIVE_CLIP`` × the median channel's.
-
-    Why: from block 12 on, one channel of SmolLM2-135M's residual stream carries 84,000× the median
-    channel's energy (a massive activation, written by block 11's MLP; the next norms' weights compensate
-    for it). Counted in full it made every later sublayer look 80× less important than the earlier ones,
-    and the allocation left blocks 0–11 dense while reducing later q/k projections to a few directions.
-    """
-    if not isinstance(channels, torch.Tensor):
-        return float(channels)
-    return float(channels.clamp(max=MASSIVE_CLIP * float(channels.median())).sum())
 
 
 def _narrow(linear: nn.Linear) -> bool:

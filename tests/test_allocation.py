@@ -86,18 +86,3 @@ def test_last_n_compresses_only_the_last_blocks_to_the_same_total():
     assert 0.2 <= 1 - kept / dense < 0.21  # floor of each rank: at most one rank step over
     with pytest.raises(BadInputError):
         allocate_last_n(shapes, 0.6, 8, 2, block_of)  # 2 of 8 blocks cannot remove 60% of all
-
-
-def test_a_massive_activation_does_not_swamp_the_residual_energy():
-    """One channel 80,000× the median (SmolLM2's from block 12 on) must not make the residual stream look
-    80× larger: the informative energy moves by at most the clip, while the raw sum explodes."""
-    from romcomp.profile import MASSIVE_CLIP, informative_energy
-
-    torch.manual_seed(0)
-    channels = torch.rand(576, dtype=torch.float64) + 0.5
-    massive = channels.clone()
-    massive[7] = 8e4 * float(channels.median())
-    assert float(massive.sum()) > 50 * float(channels.sum())
-    change = informative_energy(massive) - informative_energy(channels)
-    assert 0 <= change <= MASSIVE_CLIP * float(channels.median())
-    assert informative_energy(channels) == pytest.approx(float(channels.sum()))  # nothing massive: unchanged
