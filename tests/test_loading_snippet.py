@@ -52,3 +52,26 @@ def test_readme_loading_snippet_prints_only_the_result(route, output, tmp_path):
     assert proc.stderr == "", proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and lines[0], proc.stdout  # the decoded generation, nothing else
+
+
+def test_output_works_like_a_dense_model_bf16_device_map_cache_and_save(output, tmp_path):
+    """What a user does next with the loaded output: bfloat16 with ``device_map="auto"``, generation with
+    the KV cache (same tokens as without it), ``save_pretrained`` and reload (same logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import romcomp
+
+    assert romcomp.__version__
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16, device_map="auto")
+    low = [m for m in model.modules() if type(m).__name__ == "LowRankLinear"]
+    assert low and all(m.down.weight.dtype == torch.bfloat16 for m in low)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 12) and torch.equal(cached, uncached)
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, again(ids).logits)
