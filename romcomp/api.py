@@ -333,10 +333,8 @@ def _output_config(
         "source": source,
         "ranks": ranks,
     }
-    auto = (
-        ("AutoModel", "RomcompModel")
-        if is_encoder(hf_config)
-        else ("AutoModelForCausalLM", "RomcompForCausalLM")
-    )
-    config["auto_map"] = {auto[0]: f"modeling_romcomp.{auto[1]}"}
+    if is_encoder(hf_config):
+        config["auto_map"] = {"AutoModel": "modeling_romcomp.RomcompModel"}
+    else:
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_romcomp.RomcompForCausalLM"}
     return config

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 class ArchSpec:
     """Where things are in one model's module tree."""
 
-    family: str
     blocks: str  # dotted path of the ModuleList of blocks
     groups: tuple[
         tuple[str, ...], ...

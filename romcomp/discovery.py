@@ -108,7 +108,6 @@ def discover(model: nn.Module, hf_config, ckpt: LazyCheckpoint | None = None) ->
     if current:
         sublayers.append(tuple(current))
     return ArchSpec(
-        family=hf_config.model_type,
         blocks=blocks,
         groups=tuple(tuple(g) for g in groups),
         sublayers=tuple(sublayers),
@@ -159,7 +158,8 @@ def _trace_block0(
 
 
 def top_level_names(ckpt: LazyCheckpoint, blocks: str, lm_head: str | None) -> list[str]:
-    """Checkpoint tensors outside the blocks and the output head: what runs before block 0."""
+    """Checkpoint tensors outside the blocks and (when named) the output head ``lm_head``: what runs before
+    block 0, or with ``lm_head=None`` every top-level tensor an output copies."""
     skip = (f"{blocks}.",) + ((f"{lm_head}.",) if lm_head else ())
     return [n for n in ckpt.keys() if not n.startswith(skip)]
 

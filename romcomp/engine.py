@@ -338,11 +338,7 @@ class Engine:
 
     def top_level_names(self, tied: bool) -> list[str]:
         """Everything outside the blocks (embeddings, final norm, untied lm_head), copied unchanged."""
-        prefix = f"{self.arch.blocks}."
-        names = [n for n in self.ckpt.keys() if not n.startswith(prefix)]
-        if tied and self.arch.lm_head:
-            names = [n for n in names if not n.startswith(f"{self.arch.lm_head}.")]
-        return names
+        return top_level_names(self.ckpt, self.arch.blocks, self.arch.lm_head if tied else None)
 
 
 @dataclass

@@ -142,11 +142,17 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger than the default init so blocks do real work
+    return save_random(model, path, max_shard_size="150KB")
+
+
+def save_random(model: torch.nn.Module, path: Path, **save_kwargs) -> Path:
+    """Redraw every weight matrix (larger than the default init, so blocks do real work), save the model
+    as safetensors and a byte tokenizer beside it."""
+    with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0, 0.08)
-    model.save_pretrained(path, max_shard_size="150KB")
+    model.save_pretrained(path, **save_kwargs)
     make_tokenizer(path)
     return path
 

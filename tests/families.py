@@ -81,33 +81,20 @@ def make_family_model(path: Path, family: str, layers: int = 3, seed: int = 0) -
     """A random tiny ``family`` model saved as sharded safetensors with a byte tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import make_tokenizer
+    from tests.conftest import save_random
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32)
-    with torch.no_grad():  # larger than the default init so blocks do real work
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path, max_shard_size="150KB")
-    make_tokenizer(path)
-    return path
+    return save_random(model, path, max_shard_size="150KB")
 
 
 def make_bert(path: Path, seed: int = 0) -> Path:
     """A random tiny BERT encoder (``BertModel``, as sentence-transformers ship it), byte tokenizer."""
     from transformers import BertConfig, BertModel
 
-    from tests.conftest import make_tokenizer
+    from tests.conftest import save_random
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
                         intermediate_size=INTER, max_position_embeddings=128, pad_token_id=257)  # fmt: skip
-    model = BertModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    make_tokenizer(path)
-    return path
+    return save_random(BertModel(config), path)
