@@ -102,6 +102,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins),
         cov_dims=tuple(covs),
         linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
+        shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
     )
 
 
@@ -158,9 +159,8 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
     streams = len(ratios) + int(cfg.fit == "error-aware")
-    mem = plan(
-        dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams, cfg.fit == "error-aware"
-    )
+    cross = cfg.fit == "error-aware"
+    mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams, cross, cfg.sequential)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         threadpool_limits(cfg.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool

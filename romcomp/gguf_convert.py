@@ -1,9 +1,16 @@
-"""GGUF -> Hugging Face safetensors conversion, one tensor at a time.
+"""GGUF -> Hugging Face safetensors conversion, one tensor at a time, for every family transformers reads.
 
 transformers can load a GGUF file directly, but it dequantises the whole model into RAM at once, which does
 not fit the memory budget for 7B+ models. Here the file is memory-mapped with ``gguf.GGUFReader`` and each
 tensor is dequantised, renamed to its HF name, and appended to a safetensors shard; peak memory is one shard
 plus one tensor. Config and tokenizer come from transformers' GGUF metadata parsing (cheap: no tensors).
+
+The per-family knowledge is transformers' own, not a copy: the GGUF -> HF name map comes from
+``get_gguf_hf_weights_map`` on the family's module tree (built on the meta device from the parsed config,
+through gguf-py's ``TensorNameMap``), and each tensor goes through the family's ``TensorProcessor`` (llama's
+q/k rotary un-permutation, Gemma's ``norm - 1``, MoE experts stacked into the fused 3-D parameters). So any
+architecture transformers' GGUF loader reads converts here, and a name transformers cannot place is an
+error naming it, never a silently missing weight.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+)
 
 from romcomp.errors import BadInputError, RomcompError
 
@@ -34,56 +46,23 @@ MAX_SHARD_BYTES = 2_000_000_000
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# GGUF tensor name -> HF parameter name (without the .weight/.bias suffix).
-GLOBAL_TENSOR_NAMES: dict[str, str] = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-BLOCK_TENSOR_NAMES: dict[str, str] = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-SUPPORTED_ARCHITECTURES = frozenset({"llama", "qwen2"})  # llama.cpp stores Mistral as "llama"
-# llama.cpp's converter interleaves the rotary halves of q/k rows for these; HF expects them split.
-ROPE_PERMUTED_ARCHITECTURES = frozenset({"llama"})
+DERIVED_TENSORS = re.compile(r"rope_freqs\.weight|rope_factors_(long|short)\.weight")
+"""GGUF tensors with no HF parameter: transformers derives them from the config (rotary frequencies)."""
 
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
 class _Planned:
-    """One GGUF tensor and where it goes."""
+    """One HF parameter and the GGUF tensor(s) it is made of (two for fused MoE gate/up experts)."""
 
-    tensor: gguf.ReaderTensor
     hf_name: str
     shape: tuple[int, ...]
+    sources: tuple[gguf.ReaderTensor, ...]
 
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape))
-
-
-def hf_tensor_name(gguf_name: str) -> str:
-    """Map a llama.cpp tensor name to the HF parameter name; unknown names are an error, never skipped."""
-    if m := _BLOCK_RE.fullmatch(gguf_name):
-        layer, base, suffix = m.groups()
-        if base in BLOCK_TENSOR_NAMES:
-            return f"model.layers.{int(layer)}.{BLOCK_TENSOR_NAMES[base]}.{suffix}"
-    elif (m := _GLOBAL_RE.fullmatch(gguf_name)) and m.group(1) in GLOBAL_TENSOR_NAMES:
-        return f"{GLOBAL_TENSOR_NAMES[m.group(1)]}.{m.group(2)}"
-    raise RomcompError(
-        f"GGUF tensor {gguf_name!r} has no known Hugging Face name; this model is not supported"
-    )
 
 
 def gguf_parts(path: Path) -> list[Path]:
@@ -138,14 +117,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.floa
     try:
         readers = [gguf.GGUFReader(p) for p in parts]
         arch = str(gguf_field(readers[0], "general.architecture"))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise RomcompError(
-                f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2)"
-            )
-        planned = _plan_tensors(readers)  # before the slow metadata parsing, so a bad tensor fails fast
-        config = _save_config_and_tokenizer(parts[0], tmp, dtype)
-        _check_tied_embeddings(planned, config)
-        _write_weights(planned, tmp, dtype, _rope_heads(arch, config))
+        try:
+            config = _save_config_and_tokenizer(parts[0], tmp, dtype)
+        except (ValueError, KeyError) as e:  # an architecture or tokenizer transformers does not read
+            raise RomcompError(f"transformers cannot read this GGUF ({arch!r}): {e!r}") from e
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+        planned, mapping = _plan_tensors(readers, config, processor)
+        _write_weights(planned, tmp, dtype, processor, mapping)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
@@ -190,48 +168,62 @@ def _tidy_tokenizer_config(path: Path, chat_template: object) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _plan_tensors(readers: list[gguf.GGUFReader]) -> list[_Planned]:
-    """Name and shape of every tensor, in file order (layer order: convenient for layer-wise loading)."""
-    planned = []
+def _plan_tensors(
+    readers: list[gguf.GGUFReader], config: PretrainedConfig, processor: TensorProcessor
+) -> tuple[list[_Planned], dict[str, str]]:
+    """Every HF parameter with its GGUF source tensors, in file order (layer by layer), and the name map.
+
+    The family's module tree is built on the meta device to learn the HF names and shapes; a GGUF tensor
+    transformers cannot place, or an HF parameter no tensor fills (other than a tied ``lm_head``), is an
+    error before anything is written."""
+    from romcomp.engine import build_shell
+
+    shell = build_shell(config)
+    shapes = {n: tuple(t.shape) for n, t in shell.state_dict().items()}
+    mapping = get_gguf_hf_weights_map(shell, processor)
+    sources: dict[str, list[gguf.ReaderTensor]] = {}
+    unplaced = []
     for reader in readers:
         for tensor in reader.tensors:
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
-            planned.append(_Planned(tensor, hf_tensor_name(tensor.name), shape))
-    names = [p.hf_name for p in planned]
-    if len(set(names)) != len(names):
-        raise RomcompError("GGUF file contains duplicate tensors")
-    return planned
+            # fused MoE experts are keyed without ".weight" (see transformers' Qwen2MoeTensorProcessor)
+            target = mapping.get(tensor.name) or mapping.get(tensor.name.removesuffix(".weight"))
+            if target in shapes:
+                sources.setdefault(target, []).append(tensor)
+            elif not DERIVED_TENSORS.fullmatch(tensor.name):
+                unplaced.append(tensor.name)
+    if unplaced:
+        raise RomcompError(
+            f"GGUF tensor {unplaced[0]!r} has no Hugging Face name in {type(shell).__name__}"
+            f" ({len(unplaced)} such tensors); this file does not match its declared architecture"
+        )
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [n for n in shapes if n not in sources and not (tied and n == "lm_head.weight")]
+    if missing:
+        hint = " (an untied output matrix)" if missing == ["lm_head.weight"] else ""
+        raise RomcompError(f"GGUF file has no tensor for {missing[0]}{hint} ({len(missing)} missing)")
+    planned = [_Planned(name, shapes[name], tuple(srcs)) for name, srcs in sources.items()]
+    return planned, mapping
 
 
-def _check_tied_embeddings(planned: list[_Planned], config: PretrainedConfig) -> None:
-    """A checkpoint without an output matrix is only valid when the config ties it to the embeddings."""
-    has_lm_head = any(p.hf_name == "lm_head.weight" for p in planned)
-    if not has_lm_head and not getattr(config, "tie_word_embeddings", False):
-        raise RomcompError("GGUF file has no output.weight but the config does not tie word embeddings")
-
-
-def _rope_heads(arch: str, config: PretrainedConfig) -> dict[str, int]:
-    """Head count per GGUF tensor kind whose rows llama.cpp permuted; empty when the architecture is not."""
-    if arch not in ROPE_PERMUTED_ARCHITECTURES:
-        return {}
-    n_head = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    return {"attn_q": n_head, "attn_k": n_kv}
-
-
-def reverse_rope_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's ``permute`` of q/k rows (per head: interleaved pairs -> two contiguous halves)."""
-    dim = weights.shape[0] // n_head // 2
-    w = weights.reshape(n_head, dim, 2, *weights.shape[1:])
-    return w.swapaxes(2, 1).reshape(weights.shape)
-
-
-def _load_tensor(p: _Planned, dtype: torch.dtype, rope_heads: dict[str, int]) -> torch.Tensor:
-    """Dequantise one tensor into an owned, contiguous torch tensor of ``dtype`` in HF layout."""
-    arr = gguf.quants.dequantize(p.tensor.data, p.tensor.tensor_type).reshape(p.shape)
-    block = _BLOCK_RE.fullmatch(p.tensor.name)
-    if block and block.group(2) in rope_heads:
-        arr = reverse_rope_permute(arr, rope_heads[block.group(2)])
+def _load_tensor(
+    p: _Planned, dtype: torch.dtype, processor: TensorProcessor, mapping: dict[str, str]
+) -> torch.Tensor:
+    """Dequantise the source tensor(s) of one HF parameter and bring them into HF layout with the
+    family's processor; an owned, contiguous torch tensor of ``dtype``."""
+    parsed: dict[str, dict] = {"tensors": {}}  # where MoE processors stack experts
+    arr = None
+    for tensor in p.sources:
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+        )
+        if result.name is not None:
+            arr = result.weights
+    if arr is None:
+        arr = parsed["tensors"].pop(p.hf_name).numpy()
+    if int(np.prod(arr.shape)) != p.numel:
+        raise RomcompError(f"GGUF tensor for {p.hf_name} has shape {arr.shape}, expected {p.shape}")
+    arr = arr.reshape(p.shape)
     # F32/F16 tensors come back as views of the read-only memory map; torch needs its own writable copy.
     if (
         arr.dtype != np.float32
@@ -267,14 +259,15 @@ def _shard_names(count: int) -> Iterator[str]:
 
 
 def _write_weights(
-    planned: list[_Planned], out: Path, dtype: torch.dtype, rope_heads: dict[str, int]
-) -> None:
+    planned: list[_Planned], out: Path, dtype: torch.dtype, processor: TensorProcessor,
+    mapping: dict[str, str],
+) -> None:  # fmt: skip
     """Write the shards one after another, holding at most one shard's tensors in memory."""
     groups = _shard_groups(planned, dtype)
     weight_map: dict[str, str] = {}
     total = 0
     for group, shard_name in zip(groups, _shard_names(len(groups)), strict=True):
-        tensors = {p.hf_name: _load_tensor(p, dtype, rope_heads) for p in group}
+        tensors = {p.hf_name: _load_tensor(p, dtype, processor, mapping) for p in group}
         save_file(tensors, str(out / shard_name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, shard_name))

@@ -59,6 +59,7 @@ class ModelDims:
     linear_shapes: tuple[tuple[int, int], ...]  # (d_in, d_out) of each block linear
     cov_dims: tuple[int, ...]  # width of each accumulated covariance (group input, or a narrow output)
     linear_inputs: tuple[int, ...] = ()  # input width of each group (the error-aware fit's accumulators)
+    shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
 
 
 @dataclass(frozen=True)
@@ -81,39 +82,51 @@ TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 
 
 def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool,
-             streams: int = 1, cross: bool = False) -> dict[str, int]:  # fmt: skip
+             streams: int = 1, cross: bool = False, sequential: bool = True) -> dict[str, int]:  # fmt: skip
     """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase.
 
     ``streams``: activation streams kept (one compressed stream per ratio, plus the dense one with
     ``cross``, the error-aware fit); each adds a block copy. With ``cross`` every compressed stream has,
-    per group, a cross moment beside the second moment (counted for all groups at once).
+    per group, a cross moment beside the second moment: for the groups of one stage at a time when
+    ``sequential`` (the engine collects and fits stage by stage), for all groups at once otherwise.
     """
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
     act = 2 * streams * (n_samples if in_ram else batch) * token_bytes  # input + output of each stream
-    # per linear: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem;
-    # the error-aware fit first builds M₀ (three d_in² squares, W-sized products: error_aware.target_map)
-    workspace = max(
-        4 * min(shape) ** 2 * f64
-        + 3 * max(shape) * min(shape) * f64
-        + (3 * (shape[0] + 1) ** 2 * f64 + 2 * shape[0] * shape[1] * f64 if cross else 0)
-        for shape in dims.linear_shapes
-    )
+    cross_covs = [2 * (streams - 1) * (d + 1) ** 2 * f64 for d in dims.linear_inputs]
     return {
         "runtime": RUNTIME_BASELINE,
         "block weights (source + fp32 + factors)": (3 + streams - 1) * dims.block_params * f32,
         "covariances (float64)": (
             sum((d + 1) ** 2 for d in dims.cov_dims) * f64
             if not cross
-            else 2 * (streams - 1) * sum((d + 1) ** 2 for d in dims.linear_inputs) * f64
+            else (max(cross_covs) if sequential else sum(cross_covs))
         ),
-        WORKSPACE: workspace,
+        WORKSPACE: _workspace(dims, cross),
         "activation cache": act,
         TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
         + batch * dims.heads * seq_len * seq_len * f32 * 2,
         "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,
         TOP_LEVEL: 3 * dims.vocab * dims.hidden * f32,
     }
+
+
+def _workspace(dims: ModelDims, cross: bool) -> int:
+    """The decomposition's float64 temporaries for its largest linear.
+
+    ROM: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem. The
+    error-aware fit's peak is its ridge regression (``error_aware.target_map``): two (d_in + 1)² squares
+    (Σ + δI, its Cholesky root) and four d_out × (d_in + 1) products, plus the whitening root a group of
+    several linears keeps memoized meanwhile. Measured at Llama-2-7B's shapes (``tests/test_math.py``
+    plants them smaller): down_proj 2.88 GiB (counted 3.15), gate_proj 1.27 (1.59), q_proj 0.65 (0.75).
+    """
+    f64 = 8
+    rom = max(4 * min(s) ** 2 + 3 * max(s) * min(s) for s in dims.linear_shapes) * f64
+    if not cross:
+        return rom
+    fit = max(2 * (d_in + 1) ** 2 + 4 * d_out * (d_in + 1) for d_in, d_out in dims.linear_shapes) * f64
+    memo = max(((d + 1) ** 2 for d in dims.shared_inputs), default=0) * f64
+    return max(rom, fit + memo)
 
 
 def peak_bytes(parts: dict[str, int]) -> int:
@@ -126,12 +139,14 @@ def peak_bytes(parts: dict[str, int]) -> int:
 
 
 def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: int = 1,
-         cross: bool = False) -> MemoryPlan:  # fmt: skip
+         cross: bool = False, sequential: bool = True) -> MemoryPlan:  # fmt: skip
     """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum."""
     best: tuple[int, dict[str, int]] | None = None
     for in_ram in (True, False):
         for batch in BATCH_CHOICES:
-            parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross)
+            parts = estimate(
+                dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross, sequential
+            )
             total = peak_bytes(parts)
             if total <= budget:
                 return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts)

@@ -89,3 +89,42 @@ def test_beats_local_on_its_objective_and_damping_keeps_dense_weight():
         torch.testing.assert_close(error_aware.target_map(w, None, stats), w.double(), rtol=1e-6, atol=1e-6)
     finally:
         error_aware.DAMP = old
+
+
+WORKSPACE_PROBE = """
+import resource, sys, torch
+from romcomp.memory import ModelDims, _workspace, resident_bytes
+from romcomp.methods import error_aware
+from romcomp.methods.base import CrossStats
+d_in, d_out = 3000, 1000
+torch.manual_seed(0)
+s = CrossStats.zeros(d_in)
+a = torch.randn(d_in, 64, dtype=torch.float64)
+torch.mm(a, a.T, out=s.hat.xtx)  # no temporaries: the high-water mark is the RSS before the fit
+s.hat.xtx.diagonal().add_(1.0)
+s.cross.copy_(s.hat.xtx).diagonal().add_(0.1)
+s.hat.count = 1
+w = torch.randn(d_out, d_in)
+del a
+before = resident_bytes()[0]
+f = error_aware.decompose(w, None, s, 300)
+used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+dims = ModelDims(1, 1, 1, 1, 1, ((d_in, d_out),), (d_in,), (d_in,))
+print(used, _workspace(dims, cross=True))
+"""
+
+
+def test_fit_workspace_stays_within_the_memory_plan():
+    """The error-aware fit of a wide-input linear (down_proj) holds at most the two (d_in+1)² squares and
+    four d_out-row products the memory plan counts: a fit that materialized the cross moment, Σ and the
+    root at once (three squares: 1.8× the squares here, as before the plan was tightened) fails."""
+    import subprocess
+    import sys
+
+    # a fixed mmap threshold: glibc's adaptive one otherwise serves some 24 MB blocks from the heap after
+    # the first frees, and the high-water mark then varies by ±40 MB between identical runs
+    env = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", WORKSPACE_PROBE], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()  # fmt: skip
+    used, counted = int(out[0]), int(out[1])
+    assert 0.5 * counted < used <= counted, (used, counted)

@@ -263,36 +263,22 @@ def test_pip_failure_says_not_available_offline(tmp_path: Path, monkeypatch: pyt
 # -------------------------------------------------------------------------------------- conversion (units)
 
 
-def test_hf_tensor_names() -> None:
-    name = gguf_convert.hf_tensor_name
-    assert name("token_embd.weight") == "model.embed_tokens.weight"
-    assert name("output.weight") == "lm_head.weight"
-    assert name("output_norm.weight") == "model.norm.weight"
-    assert name("blk.12.attn_q.bias") == "model.layers.12.self_attn.q_proj.bias"
-    assert name("blk.0.attn_output.weight") == "model.layers.0.self_attn.o_proj.weight"
-    assert name("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
-    assert name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
-    for unknown in ("rope_freqs.weight", "blk.0.attn_qkv.weight", "blk.x.attn_q.weight"):
-        with pytest.raises(RomcompError, match="no known Hugging Face name"):
-            name(unknown)
+def test_llama_processor_inverts_llama_cpp_rope_permutation() -> None:
+    """transformers' llama processor (which the conversion runs) undoes llama.cpp's q/k row permutation,
+    for q (all heads) and k (grouped-query heads), weights and biases."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
+    from tests.gguf_writer import _llama_cpp_permute
 
-def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, for checking that ours inverts it."""
-    return (
-        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
-
-
-def test_reverse_rope_permute_inverts_llama_cpp() -> None:
     rng = np.random.default_rng(0)
-    for n_head, rows in [(9, 576), (3, 192), (2, 16)]:
-        w = rng.standard_normal((rows, 5)).astype(np.float32)
-        assert np.array_equal(gguf_convert.reverse_rope_permute(_llama_cpp_permute(w, n_head), n_head), w)
-        b = rng.standard_normal(rows).astype(np.float32)
-        assert np.array_equal(gguf_convert.reverse_rope_permute(_llama_cpp_permute(b, n_head), n_head), b)
+    for n_head, n_kv, rows in [(9, 3, 576), (3, 3, 192), (2, 1, 16)]:
+        proc = LlamaTensorProcessor(config={"num_attention_heads": n_head, "num_key_value_heads": n_kv})
+        for shape in [(rows, 5), (rows,)]:
+            w = rng.standard_normal(shape).astype(np.float32)
+            out = proc.process(_llama_cpp_permute(w, n_head), "blk.0.attn_q.weight").weights
+            assert np.array_equal(out, w)
+            k = w[: rows * n_kv // n_head]
+            assert np.array_equal(proc.process(_llama_cpp_permute(k, n_kv), "blk.0.attn_k.weight").weights, k)
 
 
 def test_split_gguf_parts(tmp_path: Path) -> None:
@@ -307,62 +293,93 @@ def test_split_gguf_parts(tmp_path: Path) -> None:
     assert gguf_convert.gguf_parts(tmp_path / "x.gguf") == [tmp_path / "x.gguf"]
 
 
-def _tiny_gguf(path: Path, arch: str, arrays: dict[str, np.ndarray]) -> Path:
-    writer = gguf.GGUFWriter(str(path), arch)
-    for name, array in arrays.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def _tiny_gguf(tmp_path: Path, family: str = "llama", extra: dict | None = None, drop: str = "") -> Path:
+    """A tiny random ``family`` model written as GGUF (``tests/gguf_writer.py``), optionally with an extra
+    tensor or without one."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.families import tiny_config
+    from tests.gguf_writer import write_gguf
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    path = write_gguf(model, tmp_path / f"{family}.gguf")
+    if extra or drop:
+        reader = gguf.GGUFReader(path)
+        writer = gguf.GGUFWriter(str(path.with_suffix(".edited.gguf")), family)
+        for field in reader.fields.values():
+            if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+                value = field.contents()
+                vtype = field.types[0]
+                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(field.name, value, vtype, sub_type=sub)
+        for tensor in reader.tensors:
+            if tensor.name != drop:
+                shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+                writer.add_tensor(tensor.name, np.array(tensor.data).reshape(shape))
+        for name, array in (extra or {}).items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        path = path.with_suffix(".edited.gguf")
     return path
 
 
 @pytest.mark.parametrize(
-    ("arch", "tensor", "message"),
+    ("extra", "drop", "message"),
     [
-        ("llama", "rope_freqs.weight", "no known Hugging Face name"),
-        ("gpt2", "token_embd.weight", "not supported"),
+        ({"blk.0.attn_unknown.weight": np.zeros(4, dtype=np.float32)}, "", "has no Hugging Face name"),
+        (None, "blk.1.ffn_down.weight", "no tensor for model.layers.1.mlp.down_proj.weight"),
     ],
 )
 def test_unconvertible_gguf_fails_fast_and_leaves_nothing(
-    tmp_path: Path, arch: str, tensor: str, message: str
+    tmp_path: Path, extra: dict | None, drop: str, message: str
 ) -> None:
-    path = _tiny_gguf(tmp_path / "bad.gguf", arch, {tensor: np.zeros(4, dtype=np.float32)})
+    path = _tiny_gguf(tmp_path, extra=extra, drop=drop)
     out = tmp_path / "cache" / "out"
     with pytest.raises(RomcompError, match=message):
         gguf_convert.convert_gguf(path, out)
     assert not out.exists() and not list(out.parent.iterdir())
 
 
+def test_gguf_architecture_transformers_cannot_read_is_one_error(tmp_path: Path) -> None:
+    writer = gguf.GGUFWriter(str(tmp_path / "olmo2.gguf"), "olmo2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(RomcompError, match="transformers cannot read this GGUF \\('olmo2'\\)"):
+        gguf_convert.convert_gguf(tmp_path / "olmo2.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_are_sharded_with_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny hand-written GGUF: shards split at the byte limit, the index maps every tensor, values survive
-    (q/k reverse-permuted for llama)."""
-    rng = np.random.default_rng(1)
-    arrays = {
-        "token_embd.weight": rng.standard_normal((10, 8)).astype(np.float32),
-        "blk.0.attn_q.weight": rng.standard_normal((8, 8)).astype(np.float32),
-        "blk.0.attn_k.weight": rng.standard_normal((4, 8)).astype(np.float32),
-        "blk.0.attn_norm.weight": rng.standard_normal(8).astype(np.float32),
-        "output_norm.weight": rng.standard_normal(8).astype(np.float32),
-    }
-    path = _tiny_gguf(tmp_path / "tiny.gguf", "llama", arrays)
-    planned = gguf_convert._plan_tensors([gguf.GGUFReader(path)])
-    monkeypatch.setattr(gguf_convert, "MAX_SHARD_BYTES", 400)
+    """Shards split at the byte limit, the index maps every tensor, and the values are the source model's
+    (q/k rows un-permuted: llama.cpp's layout undone)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_gguf(tmp_path)
+    monkeypatch.setattr(gguf_convert, "MAX_SHARD_BYTES", 40_000)
     out = tmp_path / "out"
-    out.mkdir()
-    gguf_convert._write_weights(planned, out, torch.float32, {"attn_q": 2, "attn_k": 1})
+    gguf_convert.convert_gguf(path, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     loaded: dict[str, torch.Tensor] = {}
     for shard in shards:
         loaded.update(load_file(out / shard))
-    assert set(loaded) == set(index["weight_map"]) == {gguf_convert.hf_tensor_name(n) for n in arrays}
+    assert set(loaded) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in loaded.values())
-    assert torch.equal(loaded["model.embed_tokens.weight"], torch.from_numpy(arrays["token_embd.weight"]))
-    q = gguf_convert.reverse_rope_permute(arrays["blk.0.attn_q.weight"], 2)
-    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
+    from tests.families import tiny_config
+
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).state_dict()
+    assert set(loaded) == set(source)
+    for name, tensor in source.items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 # ----------------------------------------------------------------------------------- real model: SmolLM2

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from romcomp.methods.linalg import symmetric_from_upper
+from romcomp.methods.linalg import subtract_symmetric_from_upper, symmetric_from_upper
 
 
 @dataclass
@@ -34,7 +34,7 @@ class InputStats:
     @property
     def second_moment(self) -> torch.Tensor:
         """``E[x xᵀ]`` (uncentred), mirrored from the upper triangle."""
-        return symmetric_from_upper(self.xtx) / max(self.count, 1)
+        return symmetric_from_upper(self.xtx).div_(max(self.count, 1))
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per ``key`` for these statistics."""
@@ -85,6 +85,7 @@ class CrossStats:
     hat: InputStats
     cross: torch.Tensor
     xsum: torch.Tensor
+    is_difference: bool = False  # ``cross`` already turned into ``E[x x̂ᵀ] − E[x̂ x̂ᵀ]`` (see difference())
 
     @classmethod
     def zeros(cls, dim: int) -> CrossStats:
@@ -97,3 +98,12 @@ class CrossStats:
     @property
     def count(self) -> int:
         return self.hat.count
+
+    def difference(self) -> torch.Tensor:
+        """``D = E[x x̂ᵀ] − E[x̂ x̂ᵀ]`` (float64, d_in²), computed once *in place of* the cross sums, which
+        nothing needs afterwards: the linears of a group (q/k/v) share it and no second d_in² square is
+        allocated. ``D`` is exactly zero where the two streams were the same tensors."""
+        if not self.is_difference:
+            subtract_symmetric_from_upper(self.cross, self.hat.xtx).div_(max(self.count, 1))
+            self.is_difference = True
+        return self.cross

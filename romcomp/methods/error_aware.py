@@ -36,39 +36,33 @@ ablation). A full regression (small δ) over-fits the cross moments of the calib
 keeps a first-order correction ``W̃ D / δ`` of the upstream error, which is what generalizes."""
 
 
-def augmented_cross(stats: CrossStats, with_bias: bool) -> torch.Tensor:
-    """``E[x̃ x̃̂ᵀ]`` for ``x̃ = [x; 1]``, ``x̃̂ = [x̂; 1]`` (dense rows, compressed columns)."""
-    n = max(stats.count, 1)
-    cross = stats.cross / n
-    if not with_bias:
-        return cross
-    top = torch.cat([cross, (stats.xsum / n)[:, None]], dim=1)
-    bottom = torch.cat([stats.hat.mean, torch.ones(1, dtype=torch.float64)])[None, :]
-    return torch.cat([top, bottom], dim=0)
-
-
 def target_map(weight: torch.Tensor, bias: torch.Tensor | None, stats: CrossStats) -> torch.Tensor:
     """``M₀`` (float64, d_out × (d_in + bias)): the ridge regression of the dense outputs on ``x̂``.
 
-    Written for memory (``d_in`` is 11008 at Llama-2-7B's ``down_proj``: 0.97 GB per float64 square):
-    at most three d_in² squares live at once (Σ + δI, the difference of moments, the Cholesky root).
+    With ``D̃ = E[x̃ x̃̂ᵀ] − Σ̃ = [[D, x̄ − μ̂], [0, 0]]`` the correction's numerator is ``W̃ D̃ = [W D, W (x̄ − μ̂)]``
+    (the bias column meets the zero row). Written for memory (``d_in`` is 11008 at Llama-2-7B's
+    ``down_proj``: 0.90 GiB per float64 square): ``D`` lives in the cross sums' own storage
+    (:meth:`CrossStats.difference`), so besides the statistics the fit holds two squares, Σ̃ + δI and its
+    Cholesky root; :func:`romcomp.memory.estimate` counts exactly this.
     """
     with_bias = bias is not None
     w = augmented_weight(weight, bias)
     if w.data_ptr() == weight.data_ptr():  # a float64 weight without bias: never update it in place
         w = w.clone()
-    diff = augmented_cross(stats, with_bias)
+    d = weight.shape[1]
+    diff = stats.difference()
+    shift = (stats.xsum - stats.hat.xsum) / max(stats.count, 1)  # x̄ − μ̂
+    if not bool(diff.any()) and not (with_bias and bool(shift.any())):
+        return w  # identical streams (first fitted layer, x̂ = x): local ROM exactly
+    product = w[:, :d] @ diff
+    if with_bias:
+        product = torch.cat([product, (w[:, :d] @ shift)[:, None]], dim=1)
     sigma = augmented_sigma(stats.hat, with_bias)
-    diff -= sigma
-    if not bool(diff.any()):
-        return w
     delta = DAMP * float(sigma.diagonal().mean().clamp_min(1e-300))
     sigma.diagonal().add_(delta)
     root = torch.linalg.cholesky(sigma)  # definite: δ > 0
     del sigma
-    product = w @ diff
-    del diff
-    # (Σ + δI) Xᵀ = (W̃ D)ᵀ  →  X = W̃ D (Σ + δI)⁻¹
+    # (Σ̃ + δI) Xᵀ = (W̃ D̃)ᵀ  →  X = W̃ D̃ (Σ̃ + δI)⁻¹
     w += torch.cholesky_solve(product.T, root).T
     return w
 

@@ -44,9 +44,38 @@ def syrk_upper(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(fn(1.0, x.contiguous().numpy().T, trans=0, lower=1)).T
 
 
-def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``m``'s (a full symmetric ``m`` is returned as is)."""
-    return torch.triu(m) + torch.triu(m, diagonal=1).T
+MIRROR_BLOCK = 1024
+
+
+def symmetric_from_upper(m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``m``'s (a full symmetric ``m`` is returned as is).
+
+    Mirrored in row blocks into one new square (or into ``out``, a view the caller owns, such as the top
+    left of an augmented matrix): ``triu(m) + triu(m, 1).T`` would hold three d² temporaries at once, 2.7 GiB
+    in float64 at Llama-2-7B's ``down_proj`` input (11008), which the memory plan would have to count.
+    """
+    d = m.shape[0]
+    out = torch.empty_like(m) if out is None else out
+    for i in range(0, d, MIRROR_BLOCK):
+        j = min(i + MIRROR_BLOCK, d)
+        diag = m[i:j, i:j]
+        out[i:j, i:j] = torch.triu(diag) + torch.triu(diag, diagonal=1).T
+        out[i:j, j:] = m[i:j, j:]
+        out[j:, i:j] = m[i:j, j:].T
+    return out
+
+
+def subtract_symmetric_from_upper(target: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """``target -= S`` in place for the symmetric ``S`` whose upper triangle is ``upper``'s, in row blocks
+    (no d² temporary); returns ``target``."""
+    d = upper.shape[0]
+    for i in range(0, d, MIRROR_BLOCK):
+        j = min(i + MIRROR_BLOCK, d)
+        diag = upper[i:j, i:j]
+        target[i:j, i:j] -= torch.triu(diag) + torch.triu(diag, diagonal=1).T
+        target[i:j, j:] -= upper[i:j, j:]
+        target[j:, i:j] -= upper[i:j, j:].T
+    return target
 
 
 def psd_root(sigma: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

@@ -19,7 +19,7 @@ import torch
 
 from romcomp.methods import linalg
 from romcomp.methods.base import Factors, InputStats
-from romcomp.methods.linalg import psd_root, top_eigvecs, top_left_singular
+from romcomp.methods.linalg import psd_root, symmetric_from_upper, top_eigvecs, top_left_singular
 
 
 def augmented_weight(
@@ -32,13 +32,15 @@ def augmented_weight(
 
 def augmented_sigma(stats: InputStats, with_bias: bool) -> torch.Tensor:
     """``Σ̃ = E[x̃ x̃ᵀ]`` for ``x̃ = [x; 1]`` (just ``E[x xᵀ]`` without a bias)."""
-    sigma = stats.second_moment
     if not with_bias:
-        return sigma
-    mu = stats.mean
-    top = torch.cat([sigma, mu[:, None]], dim=1)
-    bottom = torch.cat([mu, torch.ones(1, dtype=torch.float64)])[None, :]
-    return torch.cat([top, bottom], dim=0)
+        return stats.second_moment
+    d = stats.xtx.shape[0]
+    sigma = torch.empty(d + 1, d + 1, dtype=torch.float64)  # one square, filled in place
+    symmetric_from_upper(stats.xtx, out=sigma[:d, :d])
+    sigma[:d, :d] /= max(stats.count, 1)
+    sigma[:d, d] = sigma[d, :d] = stats.mean
+    sigma[d, d] = 1.0
+    return sigma
 
 
 def whitening_root(stats: InputStats, with_bias: bool) -> tuple[torch.Tensor, list[str]]:
