@@ -188,3 +188,30 @@ def test_moe_experts_stay_dense_and_are_reported(sources, tmp_path, calib_text):
     src = LazyCheckpoint(sources["mixtral"])
     per_expert = [src.get(f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight") for e in range(4)]
     assert torch.equal(fused, torch.stack(per_expert))
+
+
+def test_checkpoint_conversion_romcomp_cannot_stream_is_refused_before_work(sources, tmp_path, calib_text,
+                                                                            monkeypatch):  # fmt: skip
+    """A family whose registered conversion needs an operation the lazy reader does not apply (here the
+    Mixtral mapping with a ``Transpose`` appended) is refused in one line, naming the tensor and the
+    operation, and nothing is written."""
+    import transformers.conversion_mapping as cm
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose, WeightConverter
+
+    from romcomp.errors import BadInputError
+
+    original = cm.get_model_conversion_mapping
+
+    def with_transpose(model, *args, **kwargs):
+        unstreamable = WeightConverter(
+            source_patterns=[".experts.*.w2.weight"],
+            target_patterns=".experts.down_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1), Transpose(1, 2)],
+        )  # first, so it claims the down-projection tensors before the registered converter does
+        return [unstreamable, *original(model, *args, **kwargs)]
+
+    monkeypatch.setattr(cm, "get_model_conversion_mapping", with_transpose)
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match=r"experts\.down_proj' needs transformers' Transpose conversion"):
+        run(CompressConfig(model=str(sources["mixtral"]), ratio=0.3, out=out, calib=str(calib_text), **SMALL))
+    assert not out.exists()
