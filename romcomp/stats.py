@@ -29,12 +29,23 @@ class StopForward(Exception):
     """Raised by a capture hook once every input a pass needs is seen: the rest of the block is skipped."""
 
 
+ADD_ROWS = 1024
+
+
+def add_rows(target: torch.Tensor, chunk: torch.Tensor) -> None:
+    """``target += chunk`` (float64 += float32) a row block at a time: a whole-matrix mixed-dtype add
+    materializes a float64 copy of ``chunk`` first — 0.9 GiB at an 11008-wide input — which no memory
+    plan should have to count."""
+    for i in range(0, chunk.shape[0], ADD_ROWS):
+        target[i : i + ADD_ROWS] += chunk[i : i + ADD_ROWS]
+
+
 def accumulate(stats: InputStats, x: torch.Tensor) -> None:
     """Add a batch of inputs (any leading shape) to ``stats``."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     for start in range(0, x.shape[0], CHUNK):
         chunk = x[start : start + CHUNK]
-        stats.xtx += syrk_upper(chunk)  # upper triangle only
+        add_rows(stats.xtx, syrk_upper(chunk))  # upper triangle only
         stats.xsum += chunk.sum(dim=0, dtype=torch.float64)
     stats.count += x.shape[0]
 
@@ -89,7 +100,7 @@ def accumulate_cross(stats: CrossStats, x: torch.Tensor, x_hat: torch.Tensor) ->
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     x_hat = x_hat.reshape(-1, x_hat.shape[-1]).to(torch.float32)
     for start in range(0, x.shape[0], CHUNK):
-        stats.cross += (x[start : start + CHUNK].T @ x_hat[start : start + CHUNK]).double()
+        add_rows(stats.cross, x[start : start + CHUNK].T @ x_hat[start : start + CHUNK])
         stats.xsum += x[start : start + CHUNK].sum(dim=0, dtype=torch.float64)
     accumulate(stats.hat, x_hat)
 

@@ -92,8 +92,8 @@ def test_beats_local_on_its_objective_and_damping_keeps_dense_weight():
 
 
 WORKSPACE_PROBE = """
-import resource, sys, torch
-from romcomp.memory import ModelDims, _workspace, resident_bytes
+import torch
+from romcomp.memory import ModelDims, _workspace, proc_status_bytes, resident_bytes
 from romcomp.methods import error_aware
 from romcomp.methods.base import CrossStats
 d_in, d_out = 3000, 1000
@@ -108,7 +108,7 @@ w = torch.randn(d_out, d_in)
 del a
 before = resident_bytes()[0]
 f = error_aware.decompose(w, None, s, 300)
-used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+used = proc_status_bytes("VmHWM")[0] - before  # this process image's high-water mark
 dims = ModelDims(1, 1, 1, 1, 1, ((d_in, d_out),), (d_in,), (d_in,))
 print(used, _workspace(dims, cross=True))
 """
@@ -121,7 +121,9 @@ def test_fit_workspace_stays_within_the_memory_plan():
     import subprocess
     import sys
 
-    # a fixed mmap threshold: glibc's adaptive one otherwise serves some 24 MB blocks from the heap after
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's high-water mark across exec into the
+    # child's ru_maxrss, so after a big test in this process the latter reads hundreds of MB too high.
+    # A fixed mmap threshold: glibc's adaptive one otherwise serves some 24 MB blocks from the heap after
     # the first frees, and the high-water mark then varies by ±40 MB between identical runs
     env = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", WORKSPACE_PROBE], capture_output=True, text=True, env=env,
