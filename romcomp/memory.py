@@ -160,8 +160,12 @@ def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: in
 
 
 def peak_rss() -> int:
-    """Process RSS high-water mark in bytes (``ru_maxrss``; file pages mapped and touched count too)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Process RSS high-water mark in bytes (file pages mapped and touched count too): ``VmHWM`` of this
+    process image where /proc has it — ``ru_maxrss`` also carries the high-water mark of whatever process
+    forked this one (Linux keeps it across exec), so a romcomp started from a large Python process would
+    report that process's memory — else ``ru_maxrss``."""
+    found = proc_status_bytes("VmHWM")
+    return found[0] if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def proc_status_bytes(*fields: str) -> tuple[int, ...] | None:

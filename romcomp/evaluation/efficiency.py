@@ -60,10 +60,9 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """``VmHWM`` (resettable) when /proc is there, else ``ru_maxrss`` (since process start)."""
-    from romcomp.memory import peak_rss, proc_status_bytes
+    from romcomp.memory import peak_rss
 
-    found = proc_status_bytes("VmHWM")
-    return found[0] if found is not None else peak_rss()
+    return peak_rss()
 
 
 def _prompt(model: Any, batch: int, length: int, seed: int) -> torch.Tensor:
