@@ -49,7 +49,7 @@ def output_spectrum(linear: nn.Linear, stats, by_output: bool) -> torch.Tensor:
     """Eigenvalues of the output second moment per token: from the outputs' own moment, or through the
     whitened weight ``M = W̃ L`` (the Gram of its smaller side has the same nonzero eigenvalues)."""
     if by_output:
-        return eigvals_desc(symmetric_from_upper(stats.xtx) / max(stats.count, 1))
+        return eigvals_desc(stats.second_moment)
     bias = None if linear.bias is None else linear.bias.data
     root, _ = whitening_root(stats, bias is not None)
     m = augmented_weight(linear.weight.data, bias) @ root

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from romcomp.methods.base import CrossStats, InputStats
-from romcomp.methods.linalg import syrk_upper
+from romcomp.methods.linalg import ROW_BLOCK, syrk_upper
 
 CHUNK = 4096
 
@@ -29,15 +29,12 @@ class StopForward(Exception):
     """Raised by a capture hook once every input a pass needs is seen: the rest of the block is skipped."""
 
 
-ADD_ROWS = 1024
-
-
 def add_rows(target: torch.Tensor, chunk: torch.Tensor) -> None:
     """``target += chunk`` (float64 += float32) a row block at a time: a whole-matrix mixed-dtype add
     materializes a float64 copy of ``chunk`` first — 0.9 GiB at an 11008-wide input — which no memory
     plan should have to count."""
-    for i in range(0, chunk.shape[0], ADD_ROWS):
-        target[i : i + ADD_ROWS] += chunk[i : i + ADD_ROWS]
+    for i in range(0, chunk.shape[0], ROW_BLOCK):
+        target[i : i + ROW_BLOCK] += chunk[i : i + ROW_BLOCK]
 
 
 def accumulate(stats: InputStats, x: torch.Tensor) -> None:

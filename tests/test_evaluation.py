@@ -331,10 +331,10 @@ def test_speed_and_memory_measurements(tiny: tuple[Any, Any], tiny_llama: Path) 
     from romcomp.evaluation.efficiency import (
         SpeedSettings,
         measure_speed,
-        peak_rss_bytes,
         reset_peak_rss,
         weight_bytes_on_disk,
     )
+    from romcomp.memory import peak_rss as peak_rss_bytes
 
     model, _ = tiny
     settings = SpeedSettings(prefill_len=4096, decode_prompt_len=16, decode_tokens=4, repeats=1)

@@ -223,9 +223,9 @@ def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
     """Load one model, run the requested measurements, and free it (peak RSS reset per phase)."""
     import gc
 
-    from romcomp.evaluation.efficiency import measure_speed, peak_rss_bytes, reset_peak_rss
+    from romcomp.evaluation.efficiency import measure_speed, reset_peak_rss
     from romcomp.evaluation.ppl import run_ppl
-    from romcomp.memory import release_heap
+    from romcomp.memory import peak_rss, release_heap
 
     gc.collect()
     release_heap()
@@ -234,7 +234,7 @@ def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
     model, tokenizer = load_model(resolved.path, p.dtype)
     entry = model_identity(resolved, model)
     entry["load_seconds"] = round(time.perf_counter() - start, 2)
-    entry["load_peak_rss_bytes"] = peak_rss_bytes()
+    entry["load_peak_rss_bytes"] = peak_rss()
     entry["rss_reset"] = rss_reset and reset_peak_rss()
     t = p.tasks
     if t.ppl:
@@ -247,7 +247,7 @@ def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
     if t.speed:
         entry["efficiency"] = measure_speed(model)
     entry["seconds"] = round(time.perf_counter() - start, 2)
-    entry["run_peak_rss_bytes"] = peak_rss_bytes()
+    entry["run_peak_rss_bytes"] = peak_rss()
     entry["peak_rss_bytes"] = entry["run_peak_rss_bytes"]  # format-1 name, kept for old readers
     del model, tokenizer
     return entry

@@ -58,13 +58,6 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss_bytes() -> int:
-    """``VmHWM`` (resettable) when /proc is there, else ``ru_maxrss`` (since process start)."""
-    from romcomp.memory import peak_rss
-
-    return peak_rss()
-
-
 def _prompt(model: Any, batch: int, length: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)

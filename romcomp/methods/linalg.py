@@ -19,6 +19,8 @@ spikes), and ``tools/bench_decompose.py`` measures the perplexity both ways.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -44,7 +46,20 @@ def syrk_upper(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(fn(1.0, x.contiguous().numpy().T, trans=0, lower=1)).T
 
 
-MIRROR_BLOCK = 1024
+ROW_BLOCK = 1024
+"""Rows per step of the blocked d² operations below (and ``stats.add_rows``): no whole-matrix temporary."""
+
+
+def _mirrored_blocks(upper: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """``(rows, cols, values)`` pieces tiling the symmetric matrix whose upper triangle is ``upper``'s, a
+    row block at a time (each piece at most ROW_BLOCK × d)."""
+    d = upper.shape[0]
+    for i in range(0, d, ROW_BLOCK):
+        j = min(i + ROW_BLOCK, d)
+        diag = upper[i:j, i:j]
+        yield slice(i, j), slice(i, j), torch.triu(diag) + torch.triu(diag, diagonal=1).T
+        yield slice(i, j), slice(j, None), upper[i:j, j:]
+        yield slice(j, None), slice(i, j), upper[i:j, j:].T
 
 
 def symmetric_from_upper(m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,27 +69,17 @@ def symmetric_from_upper(m: torch.Tensor, out: torch.Tensor | None = None) -> to
     left of an augmented matrix): ``triu(m) + triu(m, 1).T`` would hold three d² temporaries at once, 2.7 GiB
     in float64 at Llama-2-7B's ``down_proj`` input (11008), which the memory plan would have to count.
     """
-    d = m.shape[0]
     out = torch.empty_like(m) if out is None else out
-    for i in range(0, d, MIRROR_BLOCK):
-        j = min(i + MIRROR_BLOCK, d)
-        diag = m[i:j, i:j]
-        out[i:j, i:j] = torch.triu(diag) + torch.triu(diag, diagonal=1).T
-        out[i:j, j:] = m[i:j, j:]
-        out[j:, i:j] = m[i:j, j:].T
+    for rows, cols, values in _mirrored_blocks(m):
+        out[rows, cols] = values
     return out
 
 
 def subtract_symmetric_from_upper(target: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """``target -= S`` in place for the symmetric ``S`` whose upper triangle is ``upper``'s, in row blocks
     (no d² temporary); returns ``target``."""
-    d = upper.shape[0]
-    for i in range(0, d, MIRROR_BLOCK):
-        j = min(i + MIRROR_BLOCK, d)
-        diag = upper[i:j, i:j]
-        target[i:j, i:j] -= torch.triu(diag) + torch.triu(diag, diagonal=1).T
-        target[i:j, j:] -= upper[i:j, j:]
-        target[j:, i:j] -= upper[i:j, j:].T
+    for rows, cols, values in _mirrored_blocks(upper):
+        target[rows, cols] -= values
     return target
 
 
