@@ -61,7 +61,7 @@ def max_rank(s: LinearShape) -> int:
 
 def dense_breakeven(s: LinearShape) -> int:
     """The smallest rank at which the factors cost as much as the dense matrix."""
-    return math.ceil(s.dense_params / (s.d_in + s.d_out))
+    return math.ceil(s.dense_params / s.rank_cost)
 
 
 def allocate_last_n(shapes: Sequence[LinearShape], ratio: float, n_blocks: int, last_n: int | None,
@@ -94,7 +94,7 @@ def allocate_v2(
     """SVD-LLM V2: per matrix type (q_proj, …), ratio_i = |G|·r·(1/log L_i) / Σ_j 1/log L_j."""
     groups: dict[str, list[LinearShape]] = defaultdict(list)
     for s in shapes:
-        groups[s.name.rsplit(".", 1)[-1]].append(s)
+        groups[s.name.rsplit(".", 1)[-1] + (" (experts)" if s.count > 1 else "")].append(s)
     ranks: dict[str, int] = {}
     for members in groups.values():
         inv = []
@@ -117,16 +117,16 @@ def allocate_auto(
     """Global greedy allocation over every output direction of every linear.
 
     Each matrix starts at rank 1. The next direction ``i`` of matrix ``m`` is worth ``w_m λ_i`` of
-    residual-stream damage avoided and costs ``d_in + d_out`` parameters; directions are taken in order of
-    worth per parameter (a matrix's worth per direction only falls, so this is the Lagrangian optimum of
-    the additive proxy) while the kept parameters stay within ``(1 − ratio)`` of dense. Reaching
-    break-even turns a matrix dense (cost ``d_in·d_out``, never more than its factors). Deterministic: ties
-    are broken by the order of ``shapes``.
+    residual-stream damage avoided and costs ``d_in + d_out`` parameters (times the experts of a fused MoE
+    projection, which share one rank); directions are taken in order of worth per parameter (a matrix's
+    worth per direction only falls, so this is the Lagrangian optimum of the additive proxy) while the
+    kept parameters stay within ``(1 − ratio)`` of dense. Reaching break-even turns a matrix dense (cost
+    ``d_in·d_out``, never more than its factors). Deterministic: ties are broken by the order of ``shapes``.
     """
     dense_total = sum(s.dense_params for s in shapes)
     budget = (1.0 - ratio) * dense_total
     ranks = {s.name: 1 for s in shapes}
-    spent = sum(s.d_in + s.d_out for s in shapes)
+    spent = sum(s.rank_cost for s in shapes)
     if spent > budget:
         raise BadInputError(f"--ratio {ratio:g} leaves less than rank 1 per linear")
     weights = {s.name: spectra[s.name].weight for s in shapes}
@@ -141,7 +141,7 @@ def allocate_auto(
         _, order = heapq.heappop(heap)
         s = by_order[order]
         k = ranks[s.name]
-        step = s.dense_params - k * (s.d_in + s.d_out) if k + 1 >= dense_breakeven(s) else s.d_in + s.d_out
+        step = s.dense_params - k * s.rank_cost if k + 1 >= dense_breakeven(s) else s.rank_cost
         if spent + step > budget:
             continue  # this matrix's next direction does not fit; cheaper ones of others may
         spent += step
@@ -157,4 +157,4 @@ def allocate_auto(
 def _worth(spec: LinearSpectrum, weight: float, s: LinearShape, k: int) -> float:
     """Damage avoided per parameter by keeping direction ``k`` (0-based) of ``s``."""
     lam = float(spec.eigvals[k]) if k < spec.eigvals.numel() else 0.0
-    return weight * max(lam, 0.0) / (s.d_in + s.d_out)
+    return weight * max(lam, 0.0) / s.rank_cost

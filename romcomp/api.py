@@ -19,6 +19,7 @@ from romcomp.config import CompressConfig
 from romcomp.discovery import discover, text_config
 from romcomp.engine import BlockTimes, Engine, Target, build_shell, is_encoder, stream_blocks
 from romcomp.errors import BadInputError
+from romcomp.experts import projection_shape
 from romcomp.layout import as_model_names
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
 from romcomp.methods import CROSS_METHODS, get_method, get_output_method
@@ -65,20 +66,22 @@ def block_shapes(model: torch.nn.Module, arch: ArchSpec, n_blocks: int) -> list[
     shapes = []
     layers = model.get_submodule(arch.blocks)
     for i in range(n_blocks):
+        prefix = arch.block_prefix(i)
         for name in arch.linears:
             lin = layers[i].get_submodule(name)
-            shapes.append(
-                LinearShape(
-                    arch.block_prefix(i) + name, lin.in_features, lin.out_features, lin.bias is not None
-                )
-            )
+            shapes.append(LinearShape(prefix + name, lin.in_features, lin.out_features, lin.bias is not None))
+        for name in arch.experts:
+            n, d_in, d_out, bias = projection_shape(layers[i], name)
+            shapes.append(LinearShape(prefix + name, d_in, d_out, bias, count=n))
     return shapes
 
 
 def unfactorized_weights(model: torch.nn.Module, arch: ArchSpec) -> tuple[str, ...]:
-    """Matrix-shaped block weights outside ``nn.Linear`` leaves (fused 3-D experts): they stay dense."""
+    """Matrix-shaped block weights neither in ``nn.Linear`` leaves nor among the expert projections
+    romcomp factors (3-D experts of a module transformers' experts interface does not drive): dense."""
     block = model.get_submodule(arch.blocks)[0]
     linear = {f"{n}.weight" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear |= set(arch.experts)
     return tuple(n for n, p in block.named_parameters() if p.dim() >= 2 and n not in linear)
 
 
@@ -92,6 +95,11 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         first = block.get_submodule(group[0])
         narrow = output_stats and len(group) == 1 and first.out_features < first.in_features
         covs.append(first.out_features if narrow else first.in_features)
+    experts = [projection_shape(block, n) for n in arch.experts]
+    expert_covs = []
+    for n, d_in, d_out, bias in experts:
+        narrow = output_stats and d_out < d_in + int(bias)
+        expert_covs += [d_out if narrow else d_in] * n  # every expert's moment, held until its stage fits
     cfg = text_config(hf_config)
     return ModelDims(
         hidden=cfg.hidden_size,
@@ -99,8 +107,10 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         heads=cfg.num_attention_heads,
         vocab=cfg.vocab_size,
         block_params=sum(p.numel() for p in block.parameters()),
-        linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins),
+        linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins)
+        + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
         cov_dims=tuple(covs),
+        expert_covs=tuple(expert_covs),
         linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
         shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
     )

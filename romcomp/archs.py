@@ -23,6 +23,14 @@ class ArchSpec:
     sublayers: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3))
     base: str = "model"  # the module that takes ``input_ids`` and runs the embeddings, then the blocks
     lm_head: str | None = "lm_head"  # the output head (not needed before block 0); None for encoders
+    # fused 3-D expert projections (relative to a block, call order: ``mlp.experts.gate_up_proj``, then
+    # ``mlp.experts.down_proj``): one matrix per expert, factored expert by expert after the linears
+    experts: tuple[str, ...] = ()
+
+    @property
+    def compressible(self) -> tuple[str, ...]:
+        """Everything a rank map may name, relative to a block: the linears, then the expert projections."""
+        return self.linears + self.experts
 
     @property
     def linears(self) -> tuple[str, ...]:

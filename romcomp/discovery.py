@@ -113,7 +113,24 @@ def discover(model: nn.Module, hf_config, ckpt: LazyCheckpoint | None = None) ->
         sublayers=tuple(sublayers),
         base=base,
         lm_head=lm_head,
+        experts=expert_projections(block0),
     )
+
+
+def expert_projections(block: nn.Module) -> tuple[str, ...]:
+    """The fused 3-D projections of the experts modules in ``block`` that transformers' experts interface
+    drives (``@use_experts_implementation``: flags ``has_gate``/``is_transposed``), in call order (the
+    up or gate-up projection, then ``down_proj``). Other 3-D parameters stay dense."""
+    found = []
+    for name, module in block.named_modules():
+        if not all(hasattr(module, a) for a in ("has_gate", "is_transposed", "num_experts")):
+            continue
+        first = "gate_up_proj" if module.has_gate else "up_proj"
+        for proj in (first, "down_proj"):
+            param = module._parameters.get(proj)
+            if param is not None and param.dim() == 3:
+                found.append(f"{name}.{proj}")
+    return tuple(found)
 
 
 def _trace_block0(

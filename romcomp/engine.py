@@ -30,7 +30,8 @@ from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.discovery import materialized, text_config, top_level_names
 from romcomp.errors import RomcompError
-from romcomp.hf.modeling_romcomp import swap_linear
+from romcomp.experts import fit_experts
+from romcomp.hf.modeling_romcomp import QUANT_METHOD, swap_linear
 from romcomp.memory import release_heap, resident_bytes
 from romcomp.methods import Decompose
 from romcomp.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
@@ -254,6 +255,8 @@ class Engine:
                     stats[group[0]].hat.derived.clear()
             del collector
             times.decompose += time.perf_counter() - t0
+        for j, (block, v) in enumerate(zip(blocks, variants, strict=True)):
+            notes[j] += self._fit_experts(index, block, v, times)
         return notes, filled
 
     def _paired_forward(
@@ -302,6 +305,35 @@ class Engine:
                     stats[group[0]].derived.clear()
             del stats, out_stats  # covariances are not needed by the compressed forward below
             times.decompose += time.perf_counter() - t0
+        return notes + self._fit_experts(index, block, variant, times)
+
+    def _fit_experts(self, index: int, block: nn.Module, variant: Variant, times: BlockTimes) -> list[str]:
+        """The block's fused MoE expert projections, after its linears: per-expert statistics over the
+        routed tokens of one more forward of the compressed block (stopped after the experts), local fit
+        (see :mod:`romcomp.experts`)."""
+        if not self.arch.experts:
+            return []
+        clock = {"forward": 0.0}
+
+        def run(_stats: dict) -> None:
+            t0 = time.perf_counter()
+            low = self.compute_dtype != torch.float32
+            with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
+                for start, stop in self.batches(variant.source.shape[0]):
+                    try:
+                        self.call_block(block, index, variant.source.read(start, stop))
+                    except StopForward:
+                        pass
+            clock["forward"] = time.perf_counter() - t0
+
+        def choose(by_output: bool) -> Decompose:
+            return self.output_method if by_output else self.method
+
+        t0 = time.perf_counter()
+        notes = fit_experts(block, list(self.arch.experts), variant.ranks, self.arch.block_prefix(index),
+                            run, choose, self.out_dtype)  # fmt: skip
+        times.forward += clock["forward"]
+        times.decompose += time.perf_counter() - t0 - clock["forward"]
         return notes
 
     def _output_stats_cheaper(self, block: nn.Module, group: Sequence[str]) -> bool:
@@ -428,10 +460,13 @@ def is_encoder(hf_config) -> bool:
 
 
 def build_shell(hf_config) -> nn.Module:
-    """The whole model on the meta device (no memory), float32, in eval mode, with no KV cache."""
+    """The whole model on the meta device (no memory), float32, in eval mode, with no KV cache; MoE
+    experts run through romcomp's experts implementation (one routed expert at a time)."""
     auto = AutoModel if is_encoder(hf_config) else AutoModelForCausalLM
     with init_empty_weights():
         model = auto.from_config(hf_config, dtype=torch.float32)
+    if any(hasattr(m, "has_gate") and hasattr(m, "num_experts") for m in model.modules()):
+        model.set_experts_implementation(QUANT_METHOD)  # runs factored experts, feeds their statistics
     model.eval()
     model.config.use_cache = False
     return model

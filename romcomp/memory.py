@@ -66,6 +66,7 @@ class ModelDims:
     cov_dims: tuple[int, ...]  # width of each accumulated covariance (group input, or a narrow output)
     linear_inputs: tuple[int, ...] = ()  # input width of each group (the error-aware fit's accumulators)
     shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
+    expert_covs: tuple[int, ...] = ()  # width of every expert's moment (all experts, projections of a block)
 
 
 @dataclass(frozen=True)
@@ -100,14 +101,17 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
     token_bytes = seq_len * dims.hidden * f32
     act = 2 * streams * (n_samples if in_ram else batch) * token_bytes  # input + output of each stream
     cross_covs = [2 * (streams - 1) * (d + 1) ** 2 * f64 for d in dims.linear_inputs]
+    linear_covs = (
+        sum((d + 1) ** 2 for d in dims.cov_dims) * f64
+        if not cross
+        else (max(cross_covs) if sequential else sum(cross_covs))
+    )
+    # the experts' stage comes after the linears' moments are freed, one output at a time
+    expert_covs = sum((d + 1) ** 2 for d in dims.expert_covs) * f64
     return {
         "runtime": RUNTIME_BASELINE,
         "block weights (source + fp32 + factors)": (3 + streams - 1) * dims.block_params * f32,
-        "covariances (float64)": (
-            sum((d + 1) ** 2 for d in dims.cov_dims) * f64
-            if not cross
-            else (max(cross_covs) if sequential else sum(cross_covs))
-        ),
+        "covariances (float64)": max(linear_covs, expert_covs),
         WORKSPACE: _workspace(dims, cross),
         "activation cache": act,
         TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32

@@ -26,9 +26,11 @@ from romcomp.checkpoint import atomic_save_safetensors
 from romcomp.discovery import text_config
 from romcomp.engine import Engine
 from romcomp.errors import RomcompError
+from romcomp.experts import expert_bias, expert_matrix, projection_shape
+from romcomp.experts import narrow as experts_narrow
 from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
 from romcomp.methods.rom import augmented_weight, whitening_root
-from romcomp.stats import collect_input_stats, collect_output_stats
+from romcomp.stats import collect_expert_stats, collect_input_stats, collect_output_stats
 
 
 def spectra_path(work: Path, index: int) -> Path:
@@ -45,14 +47,13 @@ def eigvals_desc(sym: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(vals[::-1])).clamp_min(0)
 
 
-def output_spectrum(linear: nn.Linear, stats, by_output: bool) -> torch.Tensor:
+def output_spectrum(weight: torch.Tensor, bias: torch.Tensor | None, stats, by_output: bool) -> torch.Tensor:
     """Eigenvalues of the output second moment per token: from the outputs' own moment, or through the
     whitened weight ``M = W̃ L`` (the Gram of its smaller side has the same nonzero eigenvalues)."""
     if by_output:
         return eigvals_desc(stats.second_moment)
-    bias = None if linear.bias is None else linear.bias.data
     root, _ = whitening_root(stats, bias is not None)
-    m = augmented_weight(linear.weight.data, bias) @ root
+    m = augmented_weight(weight, bias) @ root
     gram = syrk_upper(m.T) if m.shape[0] <= m.shape[1] else syrk_upper(m)
     return eigvals_desc(symmetric_from_upper(gram))
 
@@ -72,11 +73,17 @@ def profile_block(
     def after_first_writer(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
         energy["in1"] += float((current["x"] + out).double().pow(2).sum())
 
-    handle = block.get_submodule(writers[0]).register_forward_hook(after_first_writer)
+    def moe_output(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        energy["experts"] += float(out.double().pow(2).sum())
+
+    energy["experts"] = 0.0
+    handles = [block.get_submodule(writers[0]).register_forward_hook(after_first_writer)]
+    handles += [block.get_submodule(o).register_forward_hook(moe_output) for o in _owners(arch.experts)]
     try:
         with (
             collect_input_stats(block, wide) as stats,
             collect_output_stats(block, [g[0] for g in narrow]) as out_stats,
+            collect_expert_stats(block, arch.experts, lambda n: experts_narrow(block, n)) as expert_stats,
             torch.inference_mode(),
         ):
             for start, stop in engine.batches(source.shape[0]):
@@ -94,23 +101,66 @@ def profile_block(
             eig: dict[str, torch.Tensor] = {}
             for group in arch.groups:
                 for name in group:
-                    if group in narrow:
-                        eig[name] = output_spectrum(block.get_submodule(name), out_stats[name], True)
-                    else:
-                        eig[name] = output_spectrum(block.get_submodule(name), stats[group[0]], False)
+                    linear = block.get_submodule(name)
+                    bias = None if linear.bias is None else linear.bias.data
+                    by_output = group in narrow
+                    st = out_stats[name] if by_output else stats[group[0]]
+                    eig[name] = output_spectrum(linear.weight.data, bias, st, by_output)
                 if group[0] in stats:
                     stats[group[0]].derived.clear()
+            for name in arch.experts:
+                eig[name] = experts_spectrum(block, name, expert_stats, tokens)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+
+    def record(name: str, share: float) -> None:
+        result[f"{prefix}{name}.eigvals"] = eig[name]
+        result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
+
     for n_sub, sub in enumerate(arch.sublayers):
         written = float(eig[writers[n_sub]].sum())
         residual = energy[f"in{min(n_sub, 1)}"] / tokens
-        share = written / residual if residual > 0 else 0.0
         for gi in sub:
             for name in arch.groups[gi]:
-                result[f"{prefix}{name}.eigvals"] = eig[name]
-                result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
+                record(name, written / residual if residual > 0 else 0.0)
+    residual = energy["in1" if len(arch.sublayers) > 1 else "in0"] / tokens
+    for name in arch.experts:  # the MoE writes its routed, weighted sum into the stream after attention
+        record(name, energy["experts"] / tokens / residual if residual > 0 else 0.0)
     return result
+
+
+def _owners(projections) -> list[str]:
+    return list(dict.fromkeys(name.rpartition(".")[0] for name in projections))
+
+
+def experts_spectrum(block: nn.Module, name: str, stats: dict, tokens: int) -> torch.Tensor:
+    """The eigenvalues a shared rank of fused projection ``name`` discards, per token of the layer: each
+    expert's output spectrum over its routed tokens, weighted by the share of tokens it sees (an expert no
+    token reached adds nothing)."""
+    owner, _, proj = name.rpartition(".")
+    module = block.get_submodule(owner)
+    by_output = experts_narrow(block, name)
+    total = None
+    for expert in range(getattr(module, proj).shape[0]):
+        st = stats.pop((name, expert), None)
+        if st is None:
+            continue
+        weight, bias = expert_matrix(module, proj, expert), expert_bias(module, proj, expert)
+        eig = output_spectrum(weight, bias, st, by_output) * (st.count / tokens)
+        total = eig if total is None else _padded_sum(total, eig)
+    if total is None:
+        _, d_in, d_out, bias = projection_shape(block, name)
+        return torch.zeros(min(d_in + int(bias), d_out), dtype=torch.float64)
+    return total
+
+
+def _padded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = max(a.numel(), b.numel())
+    out = torch.zeros(n, dtype=torch.float64)
+    out[: a.numel()] += a
+    out[: b.numel()] += b
+    return out
 
 
 def _narrow(linear: nn.Linear) -> bool:

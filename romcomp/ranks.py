@@ -12,19 +12,26 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LinearShape:
-    """A compressible linear: dotted module name and its dimensions."""
+    """A compressible linear: dotted module name and its dimensions; ``count`` matrices of that shape
+    share the name and the rank (the experts of a fused MoE projection)."""
 
     name: str
     d_in: int
     d_out: int
     bias: bool = False
+    count: int = 1
 
     @property
     def dense_params(self) -> int:
-        return self.d_in * self.d_out
+        return self.count * self.d_in * self.d_out
+
+    @property
+    def rank_cost(self) -> int:
+        """Parameters one more rank costs (over every matrix that shares the name)."""
+        return self.count * (self.d_in + self.d_out)
 
     def factored_params(self, rank: int) -> int:
-        return rank * (self.d_in + self.d_out)
+        return rank * self.rank_cost
 
 
 def uniform_rank(d_in: int, d_out: int, ratio: float) -> int | None:

@@ -5,16 +5,24 @@ from __future__ import annotations
 from collections import defaultdict
 
 from romcomp.api import CompressResult
+from romcomp.experts import STARVED
 from romcomp.memory import fmt_bytes
+from romcomp.ranks import LinearShape
+
+
+def kind(s: LinearShape) -> str:
+    """A linear's kind (``q_proj``); a fused expert projection with its expert count (``down_proj×8``)."""
+    last = s.name.rsplit(".", 1)[-1]
+    return last if s.count == 1 else f"{last}×{s.count}"
 
 
 def rank_table(result: CompressResult) -> list[str]:
     """One row per linear kind (q_proj, …): shape, ranks over blocks, parameters kept."""
     by_kind: dict[str, list] = defaultdict(list)
     for s in result.shapes:
-        by_kind[s.name.rsplit(".", 1)[-1]].append(s)
+        by_kind[kind(s)].append(s)
     lines = [f"{'linear':<10} {'d_in→d_out':>13} {'rank (min/max)':>15} {'kept':>7}"]
-    for kind, shapes in by_kind.items():
+    for name, shapes in by_kind.items():
         ranks = [result.ranks.get(s.name) for s in shapes]
         kept = sum(s.factored_params(r) if r else s.dense_params for s, r in zip(shapes, ranks, strict=True))
         dense = sum(s.dense_params for s in shapes)
@@ -25,7 +33,7 @@ def rank_table(result: CompressResult) -> list[str]:
             else f"{min(real)}/{max(real)}" + (" +dense" if len(real) < len(ranks) else "")
         )
         lines.append(
-            f"{kind:<10} {f'{shapes[0].d_in}→{shapes[0].d_out}':>13} {span:>15} {kept / dense:>7.1%}"
+            f"{name:<10} {f'{shapes[0].d_in}→{shapes[0].d_out}':>13} {span:>15} {kept / dense:>7.1%}"
         )
     return lines
 
@@ -36,16 +44,16 @@ def allocation_map(result: CompressResult) -> list[str]:
     by_kind: dict[str, dict[int, str]] = defaultdict(dict)
     blocks: set[int] = set()
     for s in result.shapes:
-        head, kind = s.name.rsplit(".", 1)
+        head = s.name.rsplit(".", 1)[0]
         index = int(next(part for part in reversed(head.split(".")) if part.isdigit()))
         blocks.add(index)
         rank = result.ranks.get(s.name)
         cell = "D" if rank is None else str(min(9, int(10 * s.factored_params(rank) / s.dense_params)))
-        by_kind[kind][index] = cell
+        by_kind[kind(s)][index] = cell
     order = sorted(blocks)
     lines = [f"{'kept/10':<10} blocks {order[0]}..{order[-1]} (D = dense)"]
-    for kind, cells in by_kind.items():
-        lines.append(f"{kind:<10} " + "".join(cells.get(i, "?") for i in order))
+    for name, cells in by_kind.items():
+        lines.append(f"{name:<10} " + "".join(cells.get(i, "?") for i in order))
     return lines
 
 
@@ -84,9 +92,15 @@ def summary(result: CompressResult) -> str:
         ends = (min(result.block_times), max(result.block_times))
         first, last = (result.block_times[i].rss for i in ends)
         lines.append(f"{'':13}RSS after first block {fmt_bytes(first)}, after last block {fmt_bytes(last)}")
-    if result.notes:
-        count = sum(len(v) for v in result.notes.values())
+    notes = [n for block in result.notes.values() for n in block]
+    starved = [n for n in notes if STARVED in n]
+    if len(notes) > len(starved):
+        count = len(notes) - len(starved)
         lines.append(f"numerics     {count} guarded case(s); see {result.out}/.romcomp/manifest.json")
+    if starved:
+        experts = sum(len(n.rpartition(": ")[2].split(", ")) for n in starved)
+        lines.append(f"experts      {experts} expert fit(s) saw too few routed tokens: plain SVD of the "
+                     f"weight instead; see {result.out}/.romcomp/manifest.json")  # fmt: skip
     if result.dense_other:
         kept = ", ".join(result.dense_other)
         lines.append(f"kept dense   {kept} in every block (not nn.Linear leaves: not factorized)")

@@ -88,6 +88,48 @@ def collect_output_stats(
     return _collect(block, names, lambda linear: linear.out_features, register)
 
 
+@contextmanager
+def collect_expert_stats(
+    block: nn.Module, projections: Sequence[str], by_output: Callable[[str], bool], stop: bool = False
+) -> Iterator[dict[tuple[str, int], InputStats]]:
+    """``{(projection name, expert): stats}`` over the tokens routed to each expert, for the fused expert
+    projections named (``mlp.experts.gate_up_proj``) of ``block``, filled by its forwards inside the
+    context through the ``"romcomp"`` experts implementation's observer; a projection for which
+    ``by_output(name)`` holds accumulates its outputs instead of its inputs (the narrower side). An expert
+    no token reached has no entry. With ``stop`` the forward ends after the last experts module."""
+    stats: dict[tuple[str, int], InputStats] = {}
+    owners: dict[str, list[str]] = {}
+    for name in projections:
+        owner, _, proj = name.rpartition(".")
+        owners.setdefault(owner, []).append(proj)
+
+    def observer(owner: str, wanted: list[str]) -> Callable:
+        def observe(proj: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            if proj in wanted:
+                full = f"{owner}.{proj}"
+                value = y if by_output(full) else x
+                if (full, expert) not in stats:
+                    stats[full, expert] = InputStats.zeros(value.shape[-1])
+                accumulate(stats[full, expert], value.detach())
+
+        return observe
+
+    def end(_m: nn.Module, _args: tuple, _out) -> None:
+        raise StopForward
+
+    modules = [block.get_submodule(owner) for owner in owners]
+    handles = [modules[-1].register_forward_hook(end)] if stop and modules else []
+    for module, (owner, wanted) in zip(modules, owners.items(), strict=True):
+        module.romcomp_observer = observer(owner, wanted)
+    try:
+        yield stats
+    finally:
+        for module in modules:
+            del module.romcomp_observer
+        for h in handles:
+            h.remove()
+
+
 def accumulate_cross(stats: CrossStats, x: torch.Tensor, x_hat: torch.Tensor) -> None:
     """Add paired dense inputs ``x`` and compressed inputs ``x̂`` of the same tokens to ``stats``.
 

@@ -67,6 +67,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "Qwen3MoeConfig",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "head_dim": HEAD_DIM},
     ),  # fmt: skip
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_oss": (  # experts stored transposed (experts × in × out), with biases and a clamped SwiGLU gate
+        "GptOssConfig",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "head_dim": HEAD_DIM,
+            "sliding_window": SLIDING,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    ),  # fmt: skip
 }
 
 

@@ -9,6 +9,7 @@ layout discovery cannot handle is refused in one line before anything is written
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +20,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import romcomp
 from romcomp.activations import Boundary
-from romcomp.api import run
+from romcomp.api import block_shapes, run
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.config import CompressConfig
 from romcomp.discovery import discover
 from romcomp.engine import Engine, build_shell
 from romcomp.methods import get_method
 from tests.conftest import make_tokenizer, romcomp_cli
-from tests.families import FAMILIES, HIDDEN, make_family_model
+from tests.families import FAMILIES, HIDDEN, make_family_model, tiny_config
 
 SMALL = {"n_samples": 8, "seq_len": 32, "progress": False, "threads": 1}
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +40,12 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 
 
 def full_ranks(src: Path) -> dict[str, int]:
-    """Rank min(d_in (+1 with bias), d_out) for every linear discovery finds: the fit is then exact."""
+    """Rank min(d_in (+1 with bias), d_out) for every linear and fused expert projection discovery finds:
+    the fit is then exact."""
     model = AutoModelForCausalLM.from_pretrained(src)
     arch = discover(model, model.config)
-    layers = model.get_submodule(arch.blocks)
-    ranks = {}
-    for i, layer in enumerate(layers):
-        for name in arch.linears:
-            lin = layer.get_submodule(name)
-            ranks[arch.block_prefix(i) + name] = min(
-                lin.in_features + int(lin.bias is not None), lin.out_features
-            )
-    return ranks
+    shapes = block_shapes(model, arch, len(model.get_submodule(arch.blocks)))
+    return {s.name: min(s.d_in + int(s.bias), s.d_out) for s in shapes}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -67,6 +63,8 @@ def test_full_rank_reproduces_dense_logits(family, sources, tmp_path, calib_text
         dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+        experts = [m for m in model.modules() if type(m).__name__ == "LowRankExperts"]
+        assert len(experts) == (2 * 3 if family in MOE else 0), family
         compressed = model(ids).logits
     torch.testing.assert_close(compressed, dense, rtol=1e-4, atol=2e-4)
 
@@ -77,9 +75,11 @@ from transformers import AutoModelForCausalLM
 report = {}
 for family, out in json.loads(sys.argv[1]).items():
     model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
-    low = sum(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    low = sum(type(m).__name__ in ("LowRankLinear", "LowRankExperts") for m in model.modules())
+    experts = sum(type(m).__name__ == "LowRankExperts" for m in model.modules())
     ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     report[family] = {"class": type(model).__name__, "low_rank": low, "tokens": ids.shape[1],
+                      "experts": experts, "experts_implementation": model.config._experts_implementation,
                       **{k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}}
 print(json.dumps(report))
 """
@@ -100,6 +100,8 @@ def test_compressed_families_reload_in_a_fresh_process_and_generate(sources, tmp
         got = report[family]
         assert got["missing_keys"] == got["unexpected_keys"] == got["mismatched_keys"] == [], (family, got)
         assert got["low_rank"] > 0 and got["tokens"] == 8, (family, got)
+        if family in MOE:  # experts factored (auto allocation may keep some dense), run by romcomp's experts
+            assert got["experts"] > 0 and got["experts_implementation"] == "romcomp", (family, got)
         assert not got["class"].startswith("Romcomp"), got  # the family's own class, low-rank leaves
 
 
@@ -160,34 +162,61 @@ def test_unknown_layout_is_refused_in_one_line(tmp_path, calib_text):
     assert not out.exists()
 
 
-def test_moe_experts_stay_dense_and_are_reported(sources, tmp_path, calib_text):
-    """Fused 3-D expert weights (read from per-expert tensors on disk through transformers' conversion
-    mapping) are not nn.Linear leaves: the run keeps them dense, bit for bit, and says so."""
-    from safetensors import safe_open
+def test_moe_experts_are_factored_per_expert_and_starved_experts_reported(tmp_path, calib_text):
+    """Fused 3-D experts (per-expert tensors on disk, merged by transformers' conversion mapping) are
+    factored expert by expert and counted in the ratio; the router stays dense. An expert the router never
+    picks (top-1 routing; router rows 0 and 1 opposite, so one of them always scores ≥ 0, and row 3 zero)
+    has no statistics: it is fitted by plain SVD of its weight — the best rank-k approximation — and the
+    summary says so. The output runs under transformers' own ``eager`` experts too, in bfloat16, and
+    generates."""
+    from safetensors.torch import load_file
 
+    config = tiny_config("mixtral")
+    config.num_experts_per_tok = 1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+        for layer in model.model.layers:
+            router = layer.mlp.gate.weight
+            router[1], router[3] = -router[0], 0.0
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    make_tokenizer(src)
+    dense = model.model.layers[1].mlp.experts.down_proj[3].detach().double()
     out = tmp_path / "out"
-    args = (
-        "--ratio",
-        "0.3",
-        "--calib",
-        str(calib_text),
-        "--seq-len",
-        "32",
-        "--n-samples",
-        "8",
-        "--out",
-        str(out),
-    )
-    proc = romcomp_cli(str(sources["mixtral"]), *args)
+    args = ("--ratio", "0.3", "--allocation", "uniform", "--calib", str(calib_text), "--seq-len", "32",
+            "--n-samples", "16", "--out", str(out))  # fmt: skip
+    proc = romcomp_cli(str(src), *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kept dense   mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj" in proc.stdout
+    assert "kept dense   mlp.gate.weight in every block" in proc.stdout
+    assert re.search(r"down_proj×4 +128→64", proc.stdout), proc.stdout
+    manifest = json.loads((out / ".romcomp" / "manifest.json").read_text())
+    starved = [n for notes in manifest["notes"].values() for n in notes if "plain SVD" in n]
+    assert len(starved) == 6 and all(re.search(r": (\d+ \(\d+\), )*3 \(0\)$", n) for n in starved), starved
+    fits = sum(len(n.rpartition(": ")[2].split(", ")) for n in starved)
+    assert f"experts      {fits} expert fit(s) saw too few routed tokens" in proc.stdout, proc.stdout
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    k = config["ranks"]["model.layers.1.mlp.experts.down_proj"]
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     name = "model.layers.1.mlp.experts.down_proj"
-    with safe_open(str(out / index[name]), framework="pt") as f:
-        fused = f.get_tensor(name)
-    src = LazyCheckpoint(sources["mixtral"])
-    per_expert = [src.get(f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight") for e in range(4)]
-    assert torch.equal(fused, torch.stack(per_expert))
+    factors = {p: load_file(out / index[f"{name}.{p}"])[f"{name}.{p}"].double() for p in ("down", "up")}
+    assert factors["down"].shape == (4, k, 128) and factors["up"].shape == (4, 64, k)
+    u, sv, vh = torch.linalg.svd(dense)
+    best = (u[:, :k] * sv[:k]) @ vh[:k]
+    got = factors["up"][3] @ factors["down"][3]
+    assert (got - best).norm() < 0.02 * dense.norm()  # bfloat16 factors of the best rank-k approximation
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert model.config._experts_implementation == "romcomp"
+        ours = model(ids).logits
+        model.set_experts_implementation("eager")  # transformers' loop, indexing dense expert matrices
+        torch.testing.assert_close(model(ids).logits, ours, rtol=1e-4, atol=1e-4)
+        half = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        assert half.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
 
 
 def test_checkpoint_conversion_romcomp_cannot_stream_is_refused_before_work(sources, tmp_path, calib_text,

@@ -55,7 +55,7 @@ def test_conversion_equals_transformers_gguf_loader(family: str, tmp_path: Path)
 
 def test_a_gguf_path_compresses_end_to_end(tmp_path: Path, calib_text: Path) -> None:
     """A Qwen2-MoE GGUF (fused experts assembled from llama.cpp's gate/up stacks): resolved into the cache
-    once, compressed, and the output loads and runs."""
+    once, compressed (its experts factored), and the output loads and runs."""
     path = tiny_gguf(tmp_path, "qwen2_moe")
     resolved = resolve_model(str(path), cache=tmp_path / "cache")
     cfg = CompressConfig(model=str(resolved.path), ratio=0.3, out=tmp_path / "out", calib=str(calib_text),
@@ -63,6 +63,6 @@ def test_a_gguf_path_compresses_end_to_end(tmp_path: Path, calib_text: Path) -> 
     result = run(cfg)
     assert abs(result.linear_ratio_removed - 0.3) < 0.03
     model = AutoModelForCausalLM.from_pretrained(result.out, dtype=torch.float32)
-    assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    assert any(type(m).__name__ == "LowRankExperts" for m in model.modules())  # the experts are factored
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

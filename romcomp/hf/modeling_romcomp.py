@@ -4,7 +4,10 @@ An output's ``config.json`` is the dense model's (same ``model_type``, same arch
 tokenizer and every tool that reads the config see the family they know) plus a ``quantization_config``
 with ``quant_method: "romcomp"`` carrying the rank map. transformers hands such a config to the quantizer
 registered under that name, which swaps each named ``nn.Linear`` for a :class:`LowRankLinear` on the meta
-device before the weights load; the family's ``forward`` runs untouched.
+device before the weights load; the family's ``forward`` runs untouched. Mixture-of-experts layers, which
+transformers 5 stores as fused 3-D parameters (``experts.gate_up_proj``: experts × out × in), get a
+:class:`LowRankExperts` per named projection and run through the experts implementation registered here as
+``"romcomp"`` (transformers' own hook for swapping how an experts module computes).
 
 The quantizer is registered when this module is imported: by ``import romcomp``, or by transformers itself
 with ``trust_remote_code=True`` (``auto_map`` points at :class:`RomcompForCausalLM`, which only forwards to
@@ -16,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -58,10 +63,105 @@ def swap_linear(root: nn.Module, name: str, rank: int) -> LowRankLinear:
     return new
 
 
+class LowRankExperts(nn.Module):
+    """One fused projection of every expert, factored: ``W_e ≈ up[e] @ down[e]`` with ``down`` of shape
+    (experts, k, d_in) and ``up`` (experts, d_out, k), whatever the dense layout (``transposed``: the family
+    stores (experts, d_in, d_out)). Indexing gives dense expert matrices in the family's own layout, so
+    transformers' ``eager`` and ``batched_mm`` experts still run (slowly); ``"romcomp"`` uses the factors."""
+
+    def __init__(
+        self, num_experts, in_features, out_features, rank, transposed=False, dtype=None, device=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.transposed = transposed
+        self.down = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
+        self.up = nn.Parameter(torch.empty(num_experts, out_features, rank, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down[expert]), self.up[expert])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        dense = self.up[index] @ self.down[index]
+        return dense.transpose(-1, -2) if self.transposed else dense
+
+    def extra_repr(self) -> str:
+        n, shape = self.down.shape[0], f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"experts={n}, {shape}, rank={self.rank}"
+
+
+def is_fused_experts(param: Any) -> bool:
+    """A 3-D parameter: one matrix per expert (transformers 5's fused experts)."""
+    return isinstance(param, nn.Parameter) and param.dim() == 3
+
+
+def swap_experts(root: nn.Module, name: str, rank: int) -> LowRankExperts:
+    """Replace the fused 3-D parameter at dotted ``name`` (``...experts.gate_up_proj``) by factors."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    old = getattr(parent, leaf)
+    transposed = bool(getattr(parent, "is_transposed", False))
+    n, rows, cols = old.shape
+    d_in, d_out = (rows, cols) if transposed else (cols, rows)
+    new = LowRankExperts(n, d_in, d_out, rank, transposed, dtype=old.dtype, device=old.device)
+    delattr(parent, leaf)
+    setattr(parent, leaf, new)
+    return new
+
+
+def _project(experts: nn.Module, name: str, index: int, x: torch.Tensor, observe: Any) -> torch.Tensor:
+    """Expert ``index``'s projection ``name`` of ``x`` (factored or dense, with the family's bias)."""
+    weight = getattr(experts, name)
+    if isinstance(weight, LowRankExperts):
+        y = weight(x, index)
+    else:
+        y = x @ weight[index] if experts.is_transposed else F.linear(x, weight[index])
+    if experts.has_bias:
+        y = y + getattr(experts, f"{name}_bias")[index]
+    if observe is not None:
+        observe(name, index, x, y)
+    return y
+
+
+def romcomp_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts of a transformers 5 MoE layer, one routed expert at a time (the family's gate
+    activation, bias and post-expert norm as its flags say), dense or factored per projection. A callable
+    ``romcomp_observer`` attribute sees every projection's input and output (romcomp's calibration)."""
+    observe = getattr(self, "romcomp_observer", None)
+    final = torch.zeros_like(hidden_states)
+    first = "gate_up_proj" if self.has_gate else "up_proj"
+    with torch.no_grad():
+        hit = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)[: self.num_experts]
+    for index in hit.nonzero().flatten().tolist():
+        token, slot = torch.where(top_k_index == index)
+        h = _project(self, first, index, hidden_states[token], observe)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = _project(self, "down_proj", index, h, observe)
+        if self.has_post_expert_norm:
+            h = self.post_expert_norm(h)
+        final.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(final.dtype))
+    return final
+
+
+ALL_EXPERTS_FUNCTIONS.register(QUANT_METHOD, romcomp_experts_forward)
+
+
 def apply_rank_map(model: nn.Module, ranks: dict) -> None:
-    """Swap every linear named in ``ranks`` (``{"model.layers.0.self_attn.q_proj": 96, ...}``)."""
+    """Swap every linear or fused experts projection named in ``ranks``
+    (``{"model.layers.0.self_attn.q_proj": 96, "model.layers.0.mlp.experts.down_proj": 40, ...}``); with
+    experts among them, the model's experts implementation becomes ``"romcomp"``."""
+    experts = False
     for name, rank in ranks.items():
-        swap_linear(model, name, int(rank))
+        parent_name, _, leaf = name.rpartition(".")
+        if is_fused_experts(getattr(model.get_submodule(parent_name), leaf, None)):
+            swap_experts(model, name, int(rank))
+            experts = True
+        else:
+            swap_linear(model, name, int(rank))
+    if experts:
+        model.set_experts_implementation(QUANT_METHOD)
 
 
 class RomcompConfig(QuantizationConfigMixin):

@@ -1,0 +1,120 @@
+"""Mixture-of-experts projections: factored expert by expert, on the tokens routed to each expert.
+
+transformers 5 stores an MoE layer's experts as fused 3-D parameters (``experts.gate_up_proj``: experts ×
+2·intermediate × hidden). A rank map names such a projection once (``model.layers.3.mlp.experts.down_proj``)
+and every expert of it gets that rank: one factor pair per expert, stacked into a :class:`LowRankExperts`.
+
+Statistics: each expert's own inputs (or, for a projection narrower at its output, its outputs) over the
+tokens the router sends it, on the compressed stream, after the block's linears are compressed — routing
+then follows what the compressed model computes. The fit is the method's local one (ROM) whatever
+``--fit`` says: the dense and compressed streams route tokens differently, so there are no paired inputs
+for a regression. An expert that saw fewer tokens than its statistics' width has a rank-deficient moment
+(the subspace is not determined by the data); it is fitted by plain SVD of its weight and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from romcomp.hf.modeling_romcomp import swap_experts
+from romcomp.methods import Decompose, Factors
+from romcomp.methods import svd as plain_svd
+from romcomp.methods.base import InputStats
+
+STARVED = "fewer routed tokens than their statistics' width"
+"""The note's wording, which the end-of-run summary counts."""
+
+
+def expert_matrix(module: nn.Module, proj: str, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s ``proj`` weight as d_out × d_in, whatever the family's layout."""
+    weight = getattr(module, proj).detach()[expert]
+    return weight.T if module.is_transposed else weight
+
+
+def expert_bias(module: nn.Module, proj: str, expert: int) -> torch.Tensor | None:
+    return getattr(module, f"{proj}_bias").detach()[expert] if module.has_bias else None
+
+
+def projection_shape(block: nn.Module, name: str) -> tuple[int, int, int, bool]:
+    """``(experts, d_in, d_out, bias)`` of the fused projection ``name`` (relative to ``block``)."""
+    owner, _, proj = name.rpartition(".")
+    module = block.get_submodule(owner)
+    n, rows, cols = getattr(module, proj).shape
+    d_in, d_out = (rows, cols) if module.is_transposed else (cols, rows)
+    return n, d_in, d_out, bool(module.has_bias)
+
+
+def narrow(block: nn.Module, name: str) -> bool:
+    """Accumulate outputs rather than inputs: the smaller moment (``down_proj``: hidden² < intermediate²)."""
+    _, d_in, d_out, bias = projection_shape(block, name)
+    return d_out < d_in + int(bias)
+
+
+def padded(f: Factors, rank: int) -> Factors:
+    """``f`` with zero directions up to ``rank`` (plain SVD of a weight with a bias has one direction
+    fewer than ROM's augmented fit; the experts of a projection share one stored rank)."""
+    missing = rank - f.rank
+    if missing <= 0:
+        return f
+    down = torch.cat([f.down, f.down.new_zeros(missing, f.down.shape[1])])
+    up = torch.cat([f.up, f.up.new_zeros(f.up.shape[0], missing)], dim=1)
+    return Factors(down, up, f.bias, f.notes)
+
+
+def fit_projection(
+    block: nn.Module, name: str, rank: int, stats: dict[tuple[str, int], InputStats],
+    method: Decompose, out_dtype: torch.dtype, label: str,
+) -> list[str]:  # fmt: skip
+    """Factor every expert of projection ``name`` at ``rank`` from ``stats`` (consumed), swap in the
+    stacked factors (rounded to ``out_dtype`` as the output stores them) and return the notes."""
+    owner, _, proj = name.rpartition(".")
+    module = block.get_submodule(owner)
+    n, _, _, bias = projection_shape(block, name)
+    data_free = method is plain_svd.decompose
+    factors: list[Factors] = []
+    starved: list[str] = []
+    notes: list[str] = []
+    for e in range(n):
+        st = stats.pop((name, e), None)
+        weight, b = expert_matrix(module, proj, e), expert_bias(module, proj, e)
+        if not data_free and (st is None or st.count < st.xtx.shape[0]):
+            starved.append(f"{e} ({0 if st is None else st.count})")
+            f = plain_svd.decompose(weight, b, None, rank)
+        else:
+            f = method(weight, b, st, rank)
+        f.check_finite(f"{label}[expert {e}]")
+        notes += [f"expert {e}: {x}" for x in f.notes]
+        factors.append(padded(f, rank))
+    if starved:
+        notes.append(f"experts saw {STARVED}, fitted by plain SVD of the weight: {', '.join(starved)}")
+    pair = swap_experts(block, name, rank)
+    pair.down.data = torch.stack([f.down for f in factors]).to(out_dtype).float()
+    pair.up.data = torch.stack([f.up for f in factors]).to(out_dtype).float()
+    if bias:
+        new_bias = torch.stack([f.bias for f in factors]).to(out_dtype).float()
+        getattr(module, f"{proj}_bias").data = new_bias
+    return [f"{label}: {x}" for x in notes]
+
+
+def fit_experts(
+    block: nn.Module, names: list[str], ranks: dict[str, int], prefix: str,
+    run: Callable[[dict], None], choose: Callable[[bool], Decompose], out_dtype: torch.dtype,
+) -> list[str]:  # fmt: skip
+    """Collect every named projection's per-expert statistics with one calibration pass (``run``, given
+    the live statistics dict, runs the forwards) and fit them; ``choose(by_output)`` gives the method."""
+    from romcomp.stats import collect_expert_stats
+
+    wanted = [n for n in names if prefix + n in ranks]
+    if not wanted:
+        return []
+    outputs = {n: narrow(block, n) and choose(True) is not None for n in wanted}
+    with collect_expert_stats(block, wanted, outputs.__getitem__, stop=True) as stats:
+        run(stats)
+    notes: list[str] = []
+    for name in wanted:
+        method = choose(outputs[name])
+        notes += fit_projection(block, name, ranks[prefix + name], stats, method, out_dtype, prefix + name)
+    return notes
