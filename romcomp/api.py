@@ -20,9 +20,10 @@ from romcomp.discovery import discover, text_config
 from romcomp.engine import BlockTimes, Engine, Target, build_shell, is_encoder, stream_blocks
 from romcomp.errors import BadInputError
 from romcomp.experts import projection_shape
+from romcomp.gradients import gradient_pass
 from romcomp.layout import as_model_names
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
-from romcomp.methods import CROSS_METHODS, get_method, get_output_method
+from romcomp.methods import CROSS_METHODS, GRADIENT_METHODS, get_method, get_output_method
 from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
 from romcomp.ranks import LinearShape, allocate_uniform, linear_params
 
@@ -163,6 +164,11 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
         {n: tuple(t.shape) for n, t in shell.state_dict().items()}, {"lm_head.weight"} if tied else set()
     )
     arch = discover(shell, hf_config, ckpt)
+    if cfg.method in GRADIENT_METHODS and arch.experts:
+        raise BadInputError(
+            f"--method {cfg.method} needs weight gradients, which romcomp streams for nn.Linear leaves only; "
+            "this model has fused MoE experts (use rom, svd-llm, asvd or svd)"
+        )
     n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
     other = unfactorized_weights(shell, arch)
@@ -200,6 +206,8 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
         )
         if any(not t.ranks for t in targets):
             _data_driven_ranks(cfg, targets, engine, windows, mem, shapes, n_blocks)
+        if cfg.method in GRADIENT_METHODS:
+            engine.gradients = gradient_pass(engine, targets[0].output.work, windows, n_blocks, cfg.progress)
         resumed = [len(t.manifest.blocks_done) for t in targets]
         times = stream_blocks(engine, targets, windows, mem.activations_in_ram, n_blocks, cfg.progress)
         for t, ratio in zip(targets, ratios, strict=True):

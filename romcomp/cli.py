@@ -49,7 +49,13 @@ def compress(
         str | None, typer.Option(help="Memory budget, e.g. 4GB or 24GiB (default: 80% of available).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: <model>-r<ratio>).")] = None,
-    method: Annotated[str, typer.Option(help="Decomposition method: rom (default) or svd.")] = "rom",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Decomposition method: rom (default), svd (data-free), svd-llm (whitened SVD as the "
+            "official SVD-LLM code) or asvd (activation-aware SVD, alpha 0.5)."
+        ),
+    ] = "rom",
     calib: Annotated[
         str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")
     ] = "c4",

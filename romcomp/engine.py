@@ -33,7 +33,7 @@ from romcomp.errors import RomcompError
 from romcomp.experts import fit_experts
 from romcomp.hf.modeling_romcomp import QUANT_METHOD, swap_linear
 from romcomp.memory import release_heap, resident_bytes
-from romcomp.methods import Decompose
+from romcomp.methods import Decompose, GradStats
 from romcomp.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
 
 
@@ -71,6 +71,7 @@ class Engine:
     cross_method: Decompose | None = None  # the error-aware fit (CrossStats -> Factors)
     compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
     block_calls: dict[tuple[int, int], tuple[tuple, dict]] = field(default_factory=dict)  # (block, batch)
+    gradients: dict[str, torch.Tensor] | None = None  # the streamed gradient pass's, for gradient methods
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -348,6 +349,8 @@ class Engine:
         self, block: nn.Module, name: str, full: str, stats, method: Decompose, ranks: dict[str, int]
     ) -> list[str]:
         linear = block.get_submodule(name)
+        if self.gradients is not None:  # a gradient method (FWSVD): the loss's sensitivities, not moments
+            stats = GradStats(self.gradients[f"{full}.fisher_in"], self.gradients.get(f"{full}.grad"))
         factors = method(
             linear.weight.data, None if linear.bias is None else linear.bias.data, stats, ranks[full]
         )

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from romcomp.hf.modeling_romcomp import swap_experts
-from romcomp.methods import Decompose, Factors
+from romcomp.methods import Decompose
 from romcomp.methods import svd as plain_svd
 from romcomp.methods.base import InputStats
 
@@ -53,33 +53,27 @@ def narrow(block: nn.Module, name: str) -> bool:
     return d_out < d_in + int(bias)
 
 
-def padded(f: Factors, rank: int) -> Factors:
-    """``f`` with zero directions up to ``rank`` (plain SVD of a weight with a bias has one direction
-    fewer than ROM's augmented fit; the experts of a projection share one stored rank)."""
-    missing = rank - f.rank
-    if missing <= 0:
-        return f
-    down = torch.cat([f.down, f.down.new_zeros(missing, f.down.shape[1])])
-    up = torch.cat([f.up, f.up.new_zeros(f.up.shape[0], missing)], dim=1)
-    return Factors(down, up, f.bias, f.notes)
-
-
 def fit_projection(
     block: nn.Module, name: str, rank: int, stats: dict[tuple[str, int], InputStats],
     method: Decompose, out_dtype: torch.dtype, label: str,
 ) -> list[str]:  # fmt: skip
-    """Factor every expert of projection ``name`` at ``rank`` from ``stats`` (consumed), swap in the
-    stacked factors (rounded to ``out_dtype`` as the output stores them) and return the notes."""
+    """Factor every expert of projection ``name`` at ``rank`` from ``stats`` (consumed) into a
+    :class:`LowRankExperts` swapped in first (each expert's factors are written into it as they come,
+    rounded to ``out_dtype`` as the output stores them: no second copy of a projection's factors), and
+    return the notes. Directions a fit lacks stay zero: plain SVD of a weight with a bias has one fewer
+    than ROM's augmented fit, and the experts of a projection share one stored rank."""
     owner, _, proj = name.rpartition(".")
     module = block.get_submodule(owner)
-    n, _, _, bias = projection_shape(block, name)
+    dense = getattr(module, proj).detach()
+    pair = swap_experts(block, name, rank)
+    pair.down.data.zero_()
+    pair.up.data.zero_()
     data_free = method is plain_svd.decompose
-    factors: list[Factors] = []
     starved: list[str] = []
     notes: list[str] = []
-    for e in range(n):
+    for e in range(dense.shape[0]):
         st = stats.pop((name, e), None)
-        weight, b = expert_matrix(module, proj, e), expert_bias(module, proj, e)
+        weight, b = (dense[e].T if module.is_transposed else dense[e]), expert_bias(module, proj, e)
         if not data_free and (st is None or st.count < st.xtx.shape[0]):
             starved.append(f"{e} ({0 if st is None else st.count})")
             f = plain_svd.decompose(weight, b, None, rank)
@@ -87,15 +81,12 @@ def fit_projection(
             f = method(weight, b, st, rank)
         f.check_finite(f"{label}[expert {e}]")
         notes += [f"expert {e}: {x}" for x in f.notes]
-        factors.append(padded(f, rank))
+        pair.down.data[e, : f.rank] = f.down.to(out_dtype).float()
+        pair.up.data[e, :, : f.rank] = f.up.to(out_dtype).float()
+        if f.bias is not None:
+            getattr(module, f"{proj}_bias").data[e] = f.bias.to(out_dtype).float()
     if starved:
         notes.append(f"experts saw {STARVED}, fitted by plain SVD of the weight: {', '.join(starved)}")
-    pair = swap_experts(block, name, rank)
-    pair.down.data = torch.stack([f.down for f in factors]).to(out_dtype).float()
-    pair.up.data = torch.stack([f.up for f in factors]).to(out_dtype).float()
-    if bias:
-        new_bias = torch.stack([f.bias for f in factors]).to(out_dtype).float()
-        getattr(module, f"{proj}_bias").data = new_bias
     return [f"{label}: {x}" for x in notes]
 
 

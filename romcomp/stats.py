@@ -44,6 +44,8 @@ def accumulate(stats: InputStats, x: torch.Tensor) -> None:
         chunk = x[start : start + CHUNK]
         add_rows(stats.xtx, syrk_upper(chunk))  # upper triangle only
         stats.xsum += chunk.sum(dim=0, dtype=torch.float64)
+        if stats.abs_sum is not None:
+            stats.abs_sum += chunk.abs().sum(dim=0, dtype=torch.float64)
     stats.count += x.shape[0]
 
 

@@ -142,6 +142,31 @@ def test_method_svd_is_the_data_free_truncated_svd(compress, tiny_llama: Path) -
         assert rel(product, rom[name]) > 0.1, name  # measured 0.64-0.79: the calibration data matter to ROM
 
 
+def test_method_svd_llm_is_roms_subspace_in_its_own_float32_arithmetic(compress, tiny_llama: Path) -> None:
+    """Uniform ranks and the local fit (the baseline's) are SVD-LLM's own setting: its whitened SVD spans
+    ROM's subspace, so every product agrees with ROM's to round-off — far below what truncation discards
+    (a wrong rank or whitening would differ by ~1 of it) — and the record names the method."""
+    out = compress(method="svd-llm")
+    load(out)
+    assert record(out)["method"] == "svd-llm" and record(out)["fit"] == "local"
+    rom, ours, source = products(compress()), products(out), tensors(tiny_llama)
+    assert set(ours) == set(rom) and len(ours) == 3 * 7
+    for name, product in ours.items():
+        discarded = (source[f"{name}.weight"].double() - rom[name]).norm()
+        assert (product - rom[name]).norm() < 1e-2 * discarded, name
+
+
+def test_method_asvd_scales_by_activations(compress, tiny_llama: Path) -> None:
+    """ASVD is neither the data-free SVD nor ROM: its products differ from both, at the same ranks."""
+    out = compress(method="asvd")
+    load(out)
+    assert record(out)["method"] == "asvd"
+    ours, svd, rom = products(out), products(compress(method="svd")), products(compress())
+    assert set(ours) == set(svd) and len(ours) == 3 * 7
+    for name, product in ours.items():
+        assert rel(product, svd[name]) > 1e-2 and rel(product, rom[name]) > 1e-2, name
+
+
 def test_calib_stream_dense_changes_every_block_but_the_first(compress) -> None:
     """Block 0's inputs are the embeddings either way, so its factors are bit-identical; every later block is
     calibrated on the dense model's activations instead of the compressed model's."""

@@ -1,4 +1,4 @@
-"""Write random-weight Llama checkpoints with the real shapes of 7B / 13B / 8B-GQA models.
+"""Write random-weight checkpoints with the real shapes of Llama 7B / 13B / 8B-GQA and Qwen1.5-MoE-A2.7B.
 
 These are fixtures for measuring romcomp's memory and speed at real scale, not its quality: every
 weight is seeded Gaussian noise (norms are ones), so perplexities are meaningless, but tensor names,
@@ -11,7 +11,7 @@ Usage (from the repository root)::
     python tools/make_scale_fixture.py --shape llama2-13b --out DIR --layers 4   # fewer blocks, quick
     python tools/make_scale_fixture.py --shape tiny --out /tmp/fixture-tiny --shard-size 2MB
 
-Tensor names and shapes come from ``LlamaForCausalLM`` built on the meta device (nothing is
+Tensor names and shapes come from the family's causal LM built on the meta device (nothing is
 materialised). The shard plan is made up front from the shapes, then each shard is generated tensor by
 tensor (row chunks in float32, cast into a preallocated bf16 tensor), written to ``*.tmp`` and renamed,
 and freed, so peak RAM is about one shard (``--shard-size``) plus one float32 chunk. Each tensor has its
@@ -78,6 +78,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
     ),
+    # Qwen1.5-MoE-A2.7B: 60 routed experts (top 4) of width 1408 beside a 5632-wide shared expert; the
+    # experts are written fused (experts × out × in), as transformers 5 names them
+    "qwen1.5-moe-a2.7b": dict(
+        model_type="qwen2_moe",
+        hidden_size=2048,
+        intermediate_size=5632,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        num_experts=60,
+        num_experts_per_tok=4,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=151936,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+    ),
     "tiny": dict(
         hidden_size=256,
         intermediate_size=688,
@@ -118,28 +136,28 @@ def parse_size(text: str) -> int:
 
 
 def build_config(shape: str, layers: int | None):
-    """The LlamaConfig of a shape, with bf16 dtype and the byte tokenizer's bos/eos ids."""
-    from transformers import LlamaConfig
+    """The config of a shape (Llama unless it names a ``model_type``), with bf16 dtype and the byte
+    tokenizer's bos/eos ids."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(SHAPES[shape])
+    model_type = fields.pop("model_type", "llama")
     if layers is not None:
         fields["num_hidden_layers"] = layers
-    return LlamaConfig(
-        **fields,
-        tie_word_embeddings=False,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        architectures=["LlamaForCausalLM"],
+    config = AutoConfig.for_model(
+        model_type, **fields, tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         dtype="bfloat16",
-    )
+    )  # fmt: skip
+    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    return config
 
 
 def tensor_specs(config) -> list[Spec]:
-    """Names and shapes of LlamaForCausalLM's state dict, from a model built on the meta device."""
-    from transformers import LlamaForCausalLM
+    """Names and shapes of the family's causal-LM state dict, from a model built on the meta device."""
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     specs = [Spec(name, tuple(t.shape), i) for i, (name, t) in enumerate(model.state_dict().items())]
     del model
     return specs
@@ -162,12 +180,13 @@ def shard_name(shard: int, total: int) -> str:
 
 
 def std_of(spec: Spec) -> float | None:
-    """None for norm weights (ones); 0.02 for the embedding; 1/sqrt(fan_in) for Linear [out, in]."""
+    """None for norm weights (ones); 0.02 for the embedding; 1/sqrt(fan_in) for Linear [out, in] and for
+    fused experts [experts, out, in]."""
     if len(spec.shape) == 1:
         return None
     if spec.name.endswith("embed_tokens.weight"):
         return EMBED_STD
-    return 1.0 / math.sqrt(spec.shape[1])
+    return 1.0 / math.sqrt(spec.shape[-1])
 
 
 def make_tensor(spec: Spec, seed: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -176,14 +195,16 @@ def make_tensor(spec: Spec, seed: int, buffer: torch.Tensor) -> torch.Tensor:
     if std is None:
         return torch.ones(spec.shape, dtype=torch.bfloat16)
     out = torch.empty(spec.shape, dtype=torch.bfloat16)
-    rows, cols = spec.shape
+    cols = spec.shape[-1]
+    rows = math.prod(spec.shape[:-1])
+    flat = out.view(rows, cols)
     step = max(1, buffer.numel() // cols)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + spec.index)
     for start in range(0, rows, step):
         n = min(step, rows - start)
         chunk = buffer[: n * cols].view(n, cols)
         chunk.normal_(0.0, std, generator=gen)
-        out[start : start + n].copy_(chunk)
+        flat[start : start + n].copy_(chunk)
     return out
 
 

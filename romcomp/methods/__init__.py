@@ -7,15 +7,21 @@ from collections.abc import Callable
 import torch
 
 from romcomp.errors import BadInputError
-from romcomp.methods import error_aware, rom, svd
-from romcomp.methods.base import Factors, InputStats
+from romcomp.methods import asvd, error_aware, fwsvd, rom, svd, svd_llm
+from romcomp.methods.base import Factors, GradStats, InputStats
 
 Decompose = Callable[[torch.Tensor, "torch.Tensor | None", InputStats, int], Factors]
 
 METHODS: dict[str, Decompose] = {
     "rom": rom.decompose,
     "svd": svd.decompose,
+    "svd-llm": svd_llm.decompose,
+    "asvd": asvd.decompose,
+    "fwsvd": fwsvd.decompose,
 }
+
+GRADIENT_METHODS = frozenset({"fwsvd"})
+"""Methods that take :class:`GradStats` from the streamed gradient pass instead of activation moments."""
 
 
 OUTPUT_METHODS: dict[str, Decompose] = {"rom": rom.decompose_outputs}
@@ -41,9 +47,11 @@ def get_method(name: str) -> Decompose:
 
 __all__ = [
     "CROSS_METHODS",
+    "GRADIENT_METHODS",
     "METHODS",
     "OUTPUT_METHODS",
     "Factors",
+    "GradStats",
     "InputStats",
     "get_method",
     "get_output_method",

@@ -26,10 +26,13 @@ class InputStats:
     xsum: torch.Tensor
     count: int = 0
     derived: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+    abs_sum: torch.Tensor | None = None  # Σ |x| per channel (ASVD's scaling); None where not accumulated
 
     @classmethod
     def zeros(cls, dim: int) -> InputStats:
-        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0)
+        d64 = torch.float64
+        return cls(torch.zeros(dim, dim, dtype=d64), torch.zeros(dim, dtype=d64), 0,
+                   abs_sum=torch.zeros(dim, dtype=d64))  # fmt: skip
 
     @property
     def second_moment(self) -> torch.Tensor:
@@ -45,6 +48,15 @@ class InputStats:
     @property
     def mean(self) -> torch.Tensor:
         return self.xsum / max(self.count, 1)
+
+
+@dataclass
+class GradStats:
+    """What the streamed gradient pass measured for one linear: ``Σ_windows Σ_rows (∂L/∂W)²`` per input
+    channel (``fisher_in``, float64) and, when asked for, ``Σ_windows ∂L/∂W`` (``grad``, d_out × d_in)."""
+
+    fisher_in: torch.Tensor
+    grad: torch.Tensor | None = None
 
 
 @dataclass

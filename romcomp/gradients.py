@@ -1,0 +1,203 @@
+"""Gradients of the language-model loss without holding the model: one block in memory, like the forward.
+
+FWSVD (and any method or allocation that weighs weights by the loss) needs ``∂L/∂W`` of every block linear
+over the calibration windows. The whole-model backward holds every block and every activation; here:
+
+1. **forward**: the dense model's block inputs for every window are written to disk, boundary after
+   boundary (the engine's :class:`Boundary` files), one block materialized at a time;
+2. **head**: the final norm and output head run on the last boundary (every block replaced by an identity
+   that hands the stored hidden states on, so the family's own code computes them) and the next-token
+   cross-entropy of each window is differentiated to its hidden states;
+3. **reverse**: from the last block to the first, the block is loaded, its forward recomputed on each
+   window's stored input with autograd on, and the gradient arriving from the block above is
+   back-propagated: its linears' weight gradients are accumulated and the gradient of its input is stored
+   for the block below. Then the block and the boundaries above it are freed.
+
+Peak memory: one block with its autograd activations for one window, the accumulators, and one window of
+each boundary. Per linear the pass keeps ``Σ_windows g²`` summed over output rows (``fisher_in``, one
+value per input channel: FWSVD's importance) and, with ``full=True``, ``Σ_windows g`` (d_out × d_in).
+Results are cached per block (atomic files), so a killed run resumes the reverse pass where it stopped.
+Each window's loss is its mean over its predicted tokens, and its gradient is squared per window (the
+empirical Fisher of the official FWSVD/ASVD code, which runs one window per batch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from romcomp.activations import Boundary
+from romcomp.checkpoint import atomic_save_safetensors
+from romcomp.discovery import materialized, module_name, text_config, top_level_names
+from romcomp.engine import Engine
+from romcomp.errors import RomcompError
+
+GRAD_DIR = "gradients"
+
+
+def gradients_path(work: Path, index: int) -> Path:
+    return work / GRAD_DIR / f"block-{index:05d}.safetensors"
+
+
+def _clone_args(value):
+    """Block arguments captured under inference mode, as ordinary tensors autograd may save."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_clone_args(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone_args(v) for k, v in value.items()}
+    return value
+
+
+def _head_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+    """Every top-level tensor (embeddings, final norm, output head); a tied head gets the embedding."""
+    ckpt, arch = engine.ckpt, engine.arch
+    tensors = {n: ckpt.get(n).float() for n in top_level_names(ckpt, arch.blocks, None)}
+    head = engine.model.get_output_embeddings()
+    if head is not None and arch.lm_head and f"{arch.lm_head}.weight" not in tensors:
+        embed = module_name(engine.model, engine.model.get_input_embeddings())
+        tensors[f"{arch.lm_head}.weight"] = tensors[f"{embed}.weight"]
+    return tensors
+
+
+def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: Boundary) -> float:
+    """``∂L_w/∂h`` of each window's mean next-token loss w.r.t. the last block's outputs ``h``, into
+    ``sink``; returns the mean loss (a check against the model's own perplexity)."""
+    layers = engine.layers
+    fed: dict[str, torch.Tensor] = {}
+
+    def identity(hidden_states=None, *args, **kwargs):
+        return hidden_states if hidden_states is not None else args[0]
+
+    def feed(*args, **kwargs):
+        return fed["h"]
+
+    for layer in layers:
+        layer.forward = identity
+    layers[-1].forward = feed
+    losses = []
+    try:
+        with materialized(engine.model, _head_tensors(engine)):
+            for w in range(windows.shape[0]):
+                fed["h"] = last.read(w, w + 1).clone().requires_grad_(True)
+                logits = engine.model(input_ids=windows[w : w + 1], use_cache=False).logits
+                loss = nn.functional.cross_entropy(logits[0, :-1].float(), windows[w, 1:])
+                (grad,) = torch.autograd.grad(loss, fed["h"])
+                sink.write(w, grad)
+                losses.append(float(loss.detach()))
+    finally:
+        for layer in layers:
+            del layer.forward
+    return sum(losses) / len(losses)
+
+
+def block_gradients(engine: Engine, index: int, source: Boundary, grad_out: Boundary,
+                    grad_in: Boundary | None, full: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Recompute block ``index`` on each window's input with autograd, back-propagate ``grad_out`` (the
+    gradient of its outputs), accumulate its linears' weight gradients and write its input gradient to
+    ``grad_in`` (None for block 0)."""
+    block = engine.load_block(index)
+    linears = {name: block.get_submodule(name) for name in engine.arch.linears}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for linear in linears.values():
+        linear.weight.requires_grad_(True)
+    fisher = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    total = {n: torch.zeros_like(m.weight) for n, m in linears.items()} if full else {}
+    args, kwargs = _clone_args(engine.block_calls[(index, 1)])
+    for w in range(source.shape[0]):
+        x = source.read(w, w + 1).clone().requires_grad_(grad_in is not None)
+        out = block(x, *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        wanted = [m.weight for m in linears.values()] + ([x] if grad_in is not None else [])
+        grads = torch.autograd.grad(out, wanted, grad_outputs=grad_out.read(w, w + 1))
+        for (name, _), g in zip(linears.items(), grads, strict=False):
+            fisher[name] += g.double().pow(2).sum(dim=0)
+            if full:
+                total[name] += g
+        if grad_in is not None:
+            if not torch.isfinite(grads[-1]).all():
+                raise RomcompError(f"non-finite gradient below block {index} (window {w})")
+            grad_in.write(w, grads[-1])
+    prefix = engine.arch.block_prefix(index)
+    result = {f"{prefix}{n}.fisher_in": v for n, v in fisher.items()}
+    result.update({f"{prefix}{n}.grad": v for n, v in total.items()})
+    return result
+
+
+def gradient_pass(engine: Engine, work: Path, windows: torch.Tensor, n_blocks: int, progress: bool,
+                  full: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Run (or resume) the streamed gradient pass; returns ``{linear name + ".fisher_in": (d_in,)}`` and,
+    with ``full``, ``{... + ".grad": (d_out, d_in)}`` for every block linear."""
+    todo = [i for i in range(n_blocks) if not gradients_path(work, i).exists()]
+    if todo:
+        gradients_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
+        _run(engine, work, windows, todo[-1] + 1, progress, full)
+    found: dict[str, torch.Tensor] = {}
+    for i in range(n_blocks):
+        found.update(load_file(str(gradients_path(work, i))))
+    return found
+
+
+def _acts(work: Path, index: int) -> Path:
+    return work / GRAD_DIR / f"acts-{index:05d}.bin"
+
+
+def _grads(work: Path, index: int) -> Path:
+    return work / GRAD_DIR / f"grad-{index:05d}.bin"
+
+
+def _run(engine: Engine, work: Path, windows: torch.Tensor, top: int, progress: bool, full: bool) -> None:
+    """Forward to boundary ``top`` (reusing committed boundaries), the head, then the reverse pass down
+    to block 0; blocks at or above ``top`` are done (their gradient files exist)."""
+    batch = engine.batch_size
+    engine.batch_size = 1  # per-window calls: the reverse pass differentiates one window at a time
+    shape = (windows.shape[0], windows.shape[1], text_config(engine.model.config).hidden_size)
+    n_blocks = len(engine.layers)
+    bar = tqdm(total=2 * top, desc="gradients", unit="block", disable=not progress, file=sys.stderr)
+    try:
+        first = max((i for i in range(top + 1) if _acts(work, i).exists()), default=None)
+        if first is None:
+            source = Boundary.create(_acts(work, 0), shape, in_ram=False)
+            engine.capture_inputs(windows, [source])
+            source.commit()
+            first = 0
+        else:
+            engine.capture_inputs(windows, [])
+        bar.update(first)
+        for index in range(first, top):
+            source = Boundary.load(_acts(work, index), shape, in_ram=False)
+            sink = Boundary.create(_acts(work, index + 1), shape, in_ram=False)
+            engine.forward(index, engine.load_block(index), source, sink)
+            sink.commit()
+            engine.free_block(index)
+            bar.update(1)
+        if not _grads(work, top).exists():  # else: resuming the reverse pass below ``top``
+            if top != n_blocks:
+                raise RomcompError("the gradient cache is incomplete; rerun with --overwrite")
+            grad = Boundary.create(_grads(work, top), shape, in_ram=False)
+            head_gradient(engine, windows, Boundary.load(_acts(work, top), shape, in_ram=False), grad)
+            grad.commit()
+        for index in range(top - 1, -1, -1):
+            source = Boundary.load(_acts(work, index), shape, in_ram=False)
+            above = Boundary.load(_grads(work, index + 1), shape, in_ram=False)
+            below = Boundary.create(_grads(work, index), shape, in_ram=False) if index else None
+            tensors = block_gradients(engine, index, source, above, below, full)
+            if below is not None:
+                below.commit()
+            atomic_save_safetensors(tensors, gradients_path(work, index))
+            engine.free_block(index)
+            for path in (_acts(work, index + 1), _grads(work, index + 1)):
+                os.remove(path)
+            bar.update(1)
+        os.remove(_acts(work, 0))
+    finally:
+        engine.batch_size = batch
+        bar.close()

@@ -1,0 +1,50 @@
+"""SVD-LLM (Wang et al., ICLR 2025), variant "W" (no LoRA update): truncation-aware data whitening.
+
+As the official code computes it (``SVDLLM.py``: ``profle_svdllm`` then ``whitening``): ``S`` is the
+Cholesky factor of the *sum* ``X Xᵀ`` over the calibration tokens (float64); when ``X Xᵀ`` is not
+positive definite the code adds ``(−λ_min + 10⁻⁶)·I`` and factors again. ``W`` (float32) is multiplied by
+``S`` (cast to float32), the product is decomposed by SVD, and the top ``k`` triplets become
+``up = U_k Σ_k^½`` and ``down = Σ_k^½ V_kᵀ S⁻¹`` with ``S⁻¹`` inverted in float64 and then cast to float32
+(``+10⁻⁶·I`` first if the inversion fails). The bias, if any, is kept as it is (OPT in their code).
+
+In exact arithmetic this is ROM's projection at the same rank — ``U_k Σ_k V_kᵀ S⁻¹ = U_k U_kᵀ W`` — so the
+two differ only where float32 ``W·S``, ``S⁻¹`` and the damping do: that difference is what the peer's own
+numbers carry, and why it is reproduced rather than replaced by :mod:`romcomp.methods.rom`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from romcomp.methods.base import Factors, InputStats
+from romcomp.methods.linalg import symmetric_from_upper
+
+
+def whitening_factor(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
+    """The official code's Cholesky factor of ``Σ x xᵀ`` (float64), with its damping rule."""
+    raw = symmetric_from_upper(stats.xtx)
+    try:
+        return torch.linalg.cholesky(raw), []
+    except torch.linalg.LinAlgError:
+        shift = -float(torch.linalg.eigvalsh(raw)[0]) + 1e-6
+        raw.diagonal().add_(shift)
+        note = f"X Xᵀ not positive definite: added {shift:.3g}·I before its Cholesky factor (as SVD-LLM)"
+        return torch.linalg.cholesky(raw), [note]
+
+
+def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
+    """Rank-``rank`` SVD-LLM factors of one linear layer (float32 SVD of ``W S``, as the official code)."""
+    root, notes = stats.memo("svd-llm-root", lambda: whitening_factor(stats))
+    try:
+        inverse = torch.linalg.inv(root)
+    except torch.linalg.LinAlgError:
+        inverse = torch.linalg.inv(root + 1e-6 * torch.eye(root.shape[0], dtype=root.dtype))
+        notes = [*notes, "whitening factor singular: added 1e-06·I before inverting it (as SVD-LLM)"]
+    u, s, vh = torch.linalg.svd(weight.float() @ root.float(), full_matrices=False)
+    sqrt = s[:rank].sqrt()
+    return Factors(
+        down=(sqrt[:, None] * (vh[:rank] @ inverse.float())).contiguous(),
+        up=(u[:, :rank] * sqrt[None, :]).contiguous(),
+        bias=None if bias is None else bias.float().clone(),
+        notes=list(notes),
+    )
