@@ -23,7 +23,13 @@ from romcomp.experts import projection_shape
 from romcomp.gradients import gradient_pass
 from romcomp.layout import as_model_names
 from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
-from romcomp.methods import CROSS_METHODS, GRADIENT_METHODS, get_method, get_output_method
+from romcomp.methods import (
+    CROSS_METHODS,
+    FULL_GRADIENT_METHODS,
+    GRADIENT_METHODS,
+    get_method,
+    get_output_method,
+)
 from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
 from romcomp.ranks import LinearShape, allocate_uniform, linear_params
 
@@ -203,11 +209,14 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
             sequential=cfg.sequential,
             fit=cfg.fit,
             cross_method=CROSS_METHODS.get(cfg.method),
+            density=cfg.density or 1.0,
         )
         if any(not t.ranks for t in targets):
             _data_driven_ranks(cfg, targets, engine, windows, mem, shapes, n_blocks)
         if cfg.method in GRADIENT_METHODS:
-            engine.gradients = gradient_pass(engine, targets[0].output.work, windows, n_blocks, cfg.progress)
+            full = cfg.method in FULL_GRADIENT_METHODS
+            work = targets[0].output.work
+            engine.gradients = gradient_pass(engine, work, windows, n_blocks, cfg.progress, full)
         resumed = [len(t.manifest.blocks_done) for t in targets]
         times = stream_blocks(engine, targets, windows, mem.activations_in_ram, n_blocks, cfg.progress)
         for t, ratio in zip(targets, ratios, strict=True):
@@ -348,6 +357,7 @@ def _output_config(
         "fit": cfg.fit,
         "calib_stream": cfg.calib_stream,
         "sequential": cfg.sequential,
+        **({"density": cfg.density} if cfg.density is not None else {}),
         "source": source,
         "ranks": ranks,
     }

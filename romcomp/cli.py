@@ -53,7 +53,8 @@ def compress(
         str,
         typer.Option(
             help="Decomposition method: rom (default), svd (data-free), svd-llm (whitened SVD as the "
-            "official SVD-LLM code) or asvd (activation-aware SVD, alpha 0.5)."
+            "official SVD-LLM code), asvd (activation-aware SVD, alpha 0.5), fwsvd (Fisher-weighted SVD, "
+            "streamed gradients) or lpaf (first-order pruning, then a factorization of the kept weights)."
         ),
     ] = "rom",
     calib: Annotated[
@@ -99,6 +100,14 @@ def compress(
     last_n: Annotated[
         int | None, typer.Option(help="With --allocation last-n: how many final blocks to compress.")
     ] = None,
+    density: Annotated[
+        float | None,
+        typer.Option(
+            help="With --method lpaf: fraction of each matrix's weights its first-order pruning keeps "
+            "[default: 0.5].",
+            show_default=False,
+        ),
+    ] = None,
     compute_dtype: Annotated[
         str,
         typer.Option(
@@ -129,7 +138,7 @@ def compress(
     cfg = CompressConfig(
         model=model, ratio=ratio, out=out, max_ram=max_ram, method=method, calib=calib, n_samples=n_samples,
         seq_len=seq_len, seed=seed, data_dir=data_dir, calib_stream=calib_stream, sequential=sequential,
-        fit=fit, allocation=allocation, last_n=last_n,
+        fit=fit, allocation=allocation, last_n=last_n, density=density,
         threads=threads, overwrite=overwrite, progress=progress, compute_dtype=compute_dtype,
     )  # fmt: skip
     if ppl_windows > 0:

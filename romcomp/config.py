@@ -16,6 +16,9 @@ FITS = ("error-aware", "local")
 ALLOCATIONS = ("auto", "uniform", "v2", "last-n")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 CALIB_DEFAULTS = {"decoder": (128, 512), "encoder": (512, 64)}  # (windows, tokens per window)
+LPAF_DENSITY = 0.5
+"""``--method lpaf`` without ``--density``: half of each matrix's entries (the least salient) are pruned
+to "don't care" before the factorization."""
 
 
 @dataclass
@@ -38,6 +41,7 @@ class CompressConfig:
     fit: str | None = None  # error-aware (default for methods that support it) or local
     allocation: str = "auto"
     last_n: int | None = None  # for allocation last-n: compress only the last N blocks (default: fewest)
+    density: float | None = None  # for method lpaf: fraction of weights its pruning keeps (default 0.5)
     compute_dtype: str = "float32"  # calibration forwards; statistics and decompositions stay float32/64
     threads: int | None = None
     overwrite: bool = False
@@ -90,6 +94,10 @@ class CompressConfig:
             raise BadInputError(
                 f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation}"
             )
+        if self.density is not None and (self.method != "lpaf" or not 0 < self.density <= 1):
+            raise BadInputError("--density takes a fraction in (0, 1] and needs --method lpaf")
+        if self.method == "lpaf" and self.density is None:
+            self.density = LPAF_DENSITY
         if self.last_n is not None and (self.allocation != "last-n" or self.last_n < 1):
             raise BadInputError("--last-n takes a positive number of blocks and needs --allocation last-n")
         if self.calib_stream not in CALIB_STREAMS:

@@ -72,6 +72,7 @@ class Engine:
     compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
     block_calls: dict[tuple[int, int], tuple[tuple, dict]] = field(default_factory=dict)  # (block, batch)
     gradients: dict[str, torch.Tensor] | None = None  # the streamed gradient pass's, for gradient methods
+    density: float = 1.0  # LPAF's pruning target
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -350,7 +351,8 @@ class Engine:
     ) -> list[str]:
         linear = block.get_submodule(name)
         if self.gradients is not None:  # a gradient method (FWSVD): the loss's sensitivities, not moments
-            stats = GradStats(self.gradients[f"{full}.fisher_in"], self.gradients.get(f"{full}.grad"))
+            grad = self.gradients.get(f"{full}.grad")
+            stats = GradStats(self.gradients[f"{full}.fisher_in"], grad, self.density)
         factors = method(
             linear.weight.data, None if linear.bias is None else linear.bias.data, stats, ranks[full]
         )

@@ -3,8 +3,8 @@
 For a tiny model of several blocks — untied head, and a tied one (the head then reuses the embedding) —
 every linear's per-window squared gradients summed over its output rows (FWSVD's importance) and its
 summed gradients equal those of ``torch.autograd`` on the full model, window by window; a pass killed in
-the middle of its reverse sweep resumes to the same numbers; FWSVD runs end to end through the CLI and is
-refused for fused MoE experts, before any work.
+the middle of its reverse sweep resumes to the same numbers; FWSVD and LPAF (``--density``) run end to end
+through the CLI, and are refused for fused MoE experts before any work.
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def test_a_pass_killed_in_the_reverse_sweep_resumes_to_the_same_numbers(tmp_path
         assert torch.equal(resumed[key], value), key
 
 
-def test_fwsvd_runs_end_to_end_and_is_refused_for_fused_experts(tmp_path, tiny_llama, calib_text) -> None:
+def test_fwsvd_and_lpaf_run_end_to_end_and_are_refused_for_fused_experts(
+    tmp_path, tiny_llama, calib_text
+) -> None:
     from tests.families import make_family_model
 
     common = ["--ratio", "0.3", "--calib", str(calib_text), "--seq-len", "32", "--n-samples", "4",
@@ -97,6 +99,14 @@ def test_fwsvd_runs_end_to_end_and_is_refused_for_fused_experts(tmp_path, tiny_l
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "fwsvd"
+    out = tmp_path / "lpaf"
+    proc = romcomp_cli(str(tiny_llama), *common, "--method", "lpaf", "--density", "0.7", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (record["method"], record["density"]) == ("lpaf", 0.7)
+    assert AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    proc = romcomp_cli(str(tiny_llama), *common, "--density", "0.7", "--out", str(tmp_path / "no"))
+    assert proc.returncode == 2 and "--density" in proc.stderr and not (tmp_path / "no").exists()
     moe = make_family_model(tmp_path / "moe", "mixtral")
     proc = romcomp_cli(str(moe), *common, "--method", "fwsvd", "--out", str(tmp_path / "no"))
     assert proc.returncode == 2 and "fused MoE experts" in proc.stderr and not (tmp_path / "no").exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romcomp.methods import METHODS, GradStats, InputStats, asvd, fwsvd, rom, svd, svd_llm
+from romcomp.methods import METHODS, GradStats, InputStats, asvd, fwsvd, lpaf, rom, svd, svd_llm
 from romcomp.stats import accumulate
 
 D_IN, D_OUT, RANK = 48, 40, 12
@@ -36,7 +36,7 @@ def product(f) -> torch.Tensor:
 
 
 def test_the_registry_has_every_method_of_the_cli() -> None:
-    assert {"rom", "svd", "svd-llm", "asvd", "fwsvd"} <= set(METHODS)
+    assert {"rom", "svd", "svd-llm", "asvd", "fwsvd", "lpaf"} <= set(METHODS)
 
 
 def test_asvd_with_equal_channel_scales_is_plain_svd() -> None:
@@ -111,3 +111,27 @@ def test_fwsvd_with_equal_importances_is_plain_svd_and_otherwise_the_best_weight
         return float(((weight.double() - product(f)) * fisher.sqrt()[None, :]).norm())
 
     assert weighted_error(ours) < 0.95 * weighted_error(plain)
+
+
+def test_lpaf_at_density_one_is_its_factorization_alone_the_truncated_svd() -> None:
+    weight, stats = planted()
+    grad = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(3))
+    got = lpaf.decompose(weight, None, GradStats(torch.ones(D_IN), grad, density=1.0), RANK)
+    plain = svd.decompose(weight, None, stats, RANK)
+    assert (product(got) - product(plain)).norm() < 1e-5 * product(plain).norm()
+
+
+def test_lpaf_prunes_the_least_salient_entries_and_fits_the_kept_ones_better_than_svd() -> None:
+    weight, stats = planted()
+    grad = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(3))
+    mask = lpaf.saliency_mask(weight, grad, 0.5)
+    assert int(mask.sum()) == D_OUT * D_IN // 2
+    saliency = (weight * grad).abs()
+    assert float(saliency[mask].min()) >= float(saliency[~mask].max())  # first-order: |W ⊙ ∂L/∂W|
+    ours = lpaf.decompose(weight, None, GradStats(torch.ones(D_IN), grad, density=0.5), RANK)
+    plain = svd.decompose(weight, None, stats, RANK)
+
+    def kept_error(f) -> float:
+        return float(((weight.double() - product(f)) * mask).norm())
+
+    assert kept_error(ours) < 0.9 * kept_error(plain)

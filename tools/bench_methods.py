@@ -36,6 +36,7 @@ CONFIGS = {
     "svd+uniform": ["--method", "svd", "--allocation", "uniform", *LOCAL],
     "asvd+uniform": ["--method", "asvd", "--allocation", "uniform", *LOCAL],
     "fwsvd+uniform": ["--method", "fwsvd", "--allocation", "uniform", *LOCAL],
+    "lpaf+uniform": ["--method", "lpaf", "--allocation", "uniform", *LOCAL],
     "svd-llm+uniform": ["--method", "svd-llm", "--allocation", "uniform", "--calib-stream", "dense", *LOCAL],
     "rom+uniform": ["--method", "rom", "--allocation", "uniform", *LOCAL],
     "asvd+auto": ["--method", "asvd", "--allocation", "auto", *LOCAL],

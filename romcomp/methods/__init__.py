@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from romcomp.errors import BadInputError
-from romcomp.methods import asvd, error_aware, fwsvd, rom, svd, svd_llm
+from romcomp.methods import asvd, error_aware, fwsvd, lpaf, rom, svd, svd_llm
 from romcomp.methods.base import Factors, GradStats, InputStats
 
 Decompose = Callable[[torch.Tensor, "torch.Tensor | None", InputStats, int], Factors]
@@ -18,10 +18,14 @@ METHODS: dict[str, Decompose] = {
     "svd-llm": svd_llm.decompose,
     "asvd": asvd.decompose,
     "fwsvd": fwsvd.decompose,
+    "lpaf": lpaf.decompose,
 }
 
-GRADIENT_METHODS = frozenset({"fwsvd"})
+GRADIENT_METHODS = frozenset({"fwsvd", "lpaf"})
 """Methods that take :class:`GradStats` from the streamed gradient pass instead of activation moments."""
+
+FULL_GRADIENT_METHODS = frozenset({"lpaf"})
+"""Gradient methods that need every weight's summed gradient, not only per-channel Fisher sums."""
 
 
 OUTPUT_METHODS: dict[str, Decompose] = {"rom": rom.decompose_outputs}
@@ -47,6 +51,7 @@ def get_method(name: str) -> Decompose:
 
 __all__ = [
     "CROSS_METHODS",
+    "FULL_GRADIENT_METHODS",
     "GRADIENT_METHODS",
     "METHODS",
     "OUTPUT_METHODS",
