@@ -20,10 +20,6 @@ issue's checks, machine and command, and writes ``perplexity.png`` (WikiText-2 v
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -46,19 +42,6 @@ CONFIGS = {
 OFFICIAL_SVD_LLM = {0.1: 107.3, 0.2: 177.6, 0.3: 342.9}
 """The official SVD-LLM code on SmolLM2-135M (patched only to run on CPU with GQA), first 40 × 512 windows
 of the raw WikiText-2 test file (dense 28.69): the issue's reference numbers."""
-
-
-def rows(doc: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from romcomp.evaluation.report import seven_task_acc
-
-    where = {str(Path(o).resolve()): (run, float(r)) for run in runs for r, o in run["outs"].items()}
-    table = []
-    for m in doc["models"]:
-        run, ratio = where.get(str(Path(m["path"]).resolve()), ({"config": "dense"}, 0.0))
-        ppl = {k: v["ppl"] for k, v in m.get("perplexity", {}).items()}
-        table.append({"config": run["config"], "ratio": ratio, **{k: ppl.get(k) for k in ("wikitext2", "ptb",
-                      "c4")}, "acc7": seven_task_acc(m), "run": run})  # fmt: skip
-    return table
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
@@ -146,22 +129,14 @@ def main() -> None:
     start = time.perf_counter()
     runs = [bench_targeted.compress(args, name, ratios, log) for name in args.configs.split(",")]
     doc = bench_targeted.evaluate(args, [o for run in runs for o in run["outs"].values()], log)
-    table = rows(doc, runs)
+    table = bench_targeted.rows(doc, runs)
     print(markdown(table))
     print()
     print("\n".join(checks(table, "smollm2" in args.model)))
     dense = next(r["wikitext2"] for r in table if r["config"] == "dense")
     plot(table, args.out_dir / "perplexity.png", dense)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{args.threads or 'default'} threads; {platform.platform()}")  # fmt: skip
-    print(f"calibration: {doc['models'][-1].get('romcomp', {}).get('calibration')}")
-    print(f"zero-shot: first {args.limit} documents of each task" if args.limit else "zero-shot: not run")
     print(f"plot: {args.out_dir / 'perplexity.png'}")
-    print(f"command: python tools/bench_methods.py {shlex.join(sys.argv[1:])}")
-    print(f"total {time.perf_counter() - start:.0f} s")
-    (args.out_dir / "bench.json").write_text(
-        json.dumps({"runs": runs, "table": table}, indent=2, default=str)
-    )
+    bench_targeted.footer(args, doc, {"runs": runs, "table": table}, start, "bench_methods.py")
 
 
 if __name__ == "__main__":

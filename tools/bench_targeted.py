@@ -88,8 +88,8 @@ def rows(doc: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]
     for m in doc["models"]:
         run, ratio = where.get(str(Path(m["path"]).resolve()), ({"config": "dense"}, 0.0))
         ppl = {k: v["ppl"] for k, v in m.get("perplexity", {}).items()}
-        table.append({"config": run["config"], "ratio": ratio, "wikitext2": ppl.get("wikitext2"),
-                      "c4": ppl.get("c4"), "acc7": seven_task_acc(m), "run": run})  # fmt: skip
+        sets = {k: ppl.get(k) for k in ("wikitext2", "ptb", "c4")}
+        table.append({"config": run["config"], "ratio": ratio, **sets, "acc7": seven_task_acc(m), "run": run})
     return table
 
 
@@ -182,6 +182,12 @@ def main() -> None:
     print(markdown(table))
     print()
     print("\n".join(targets(table, "smollm2" in args.model)))
+    footer(args, doc, {"runs": runs, "table": table}, start, "bench_targeted.py")
+
+
+def footer(args: argparse.Namespace, doc: dict[str, Any], record: dict[str, Any], start: float,
+           script: str) -> None:  # fmt: skip
+    """Machine, calibration, zero-shot scope, the command and the total time; ``record`` to bench.json."""
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads or 'default'} threads; {platform.platform()}")  # fmt: skip
     print(f"calibration: {doc['models'][-1].get('romcomp', {}).get('calibration')}")
@@ -190,11 +196,9 @@ def main() -> None:
         if args.limit
         else "zero-shot: not run"
     )
-    print(f"command: python tools/bench_targeted.py {shlex.join(sys.argv[1:])}")
+    print(f"command: python tools/{script} {shlex.join(sys.argv[1:])}")
     print(f"total {time.perf_counter() - start:.0f} s")
-    (args.out_dir / "bench.json").write_text(
-        json.dumps({"runs": runs, "table": table}, indent=2, default=str)
-    )
+    (args.out_dir / "bench.json").write_text(json.dumps(record, indent=2, default=str))
 
 
 if __name__ == "__main__":
