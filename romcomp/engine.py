@@ -15,7 +15,7 @@ import copy
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ class Engine:
     cross_method: Decompose | None = None  # the error-aware fit (CrossStats -> Factors)
     compute_dtype: torch.dtype = torch.float32  # calibration forwards (bfloat16: autocast)
     block_calls: dict[tuple[int, int], tuple[tuple, dict]] = field(default_factory=dict)  # (block, batch)
-    gradients: dict[str, torch.Tensor] | None = None  # the streamed gradient pass's, for gradient methods
+    gradients: Mapping[str, torch.Tensor] | None = None  # the streamed gradient pass's (read lazily)
     density: float = 1.0  # LPAF's pruning target
 
     @property

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -132,18 +133,37 @@ def block_gradients(engine: Engine, index: int, source: Boundary, grad_out: Boun
     return result
 
 
+class GradientStore(Mapping):
+    """The cached pass's results, read from disk one tensor at a time when asked for: with ``full`` they
+    are as large as the model's block linears, so they are never all held in memory."""
+
+    def __init__(self, work: Path, n_blocks: int) -> None:
+        self.where: dict[str, Path] = {}
+        for i in range(n_blocks):
+            path = gradients_path(work, i)
+            with safe_open(str(path), framework="pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), path))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
 def gradient_pass(engine: Engine, work: Path, windows: torch.Tensor, n_blocks: int, progress: bool,
-                  full: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+                  full: bool = False) -> GradientStore:  # fmt: skip
     """Run (or resume) the streamed gradient pass; returns ``{linear name + ".fisher_in": (d_in,)}`` and,
-    with ``full``, ``{... + ".grad": (d_out, d_in)}`` for every block linear."""
+    with ``full``, ``{... + ".grad": (d_out, d_in)}`` for every block linear, read lazily."""
     todo = [i for i in range(n_blocks) if not gradients_path(work, i).exists()]
     if todo:
         gradients_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
         _run(engine, work, windows, todo[-1] + 1, progress, full)
-    found: dict[str, torch.Tensor] = {}
-    for i in range(n_blocks):
-        found.update(load_file(str(gradients_path(work, i))))
-    return found
+    return GradientStore(work, n_blocks)
 
 
 def _acts(work: Path, index: int) -> Path:
