@@ -117,13 +117,19 @@ def discover(model: nn.Module, hf_config, ckpt: LazyCheckpoint | None = None) ->
     )
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """An experts module transformers' experts interface drives (``@use_experts_implementation`` sets
+    these flags), so romcomp's experts implementation can run it."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "num_experts"))
+
+
 def expert_projections(block: nn.Module) -> tuple[str, ...]:
     """The fused 3-D projections of the experts modules in ``block`` that transformers' experts interface
     drives (``@use_experts_implementation``: flags ``has_gate``/``is_transposed``), in call order (the
     up or gate-up projection, then ``down_proj``). Other 3-D parameters stay dense."""
     found = []
     for name, module in block.named_modules():
-        if not all(hasattr(module, a) for a in ("has_gate", "is_transposed", "num_experts")):
+        if not is_experts_module(module):
             continue
         first = "gate_up_proj" if module.has_gate else "up_proj"
         for proj in (first, "down_proj"):

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from romcomp.activations import Boundary
 from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
-from romcomp.discovery import materialized, text_config, top_level_names
+from romcomp.discovery import is_experts_module, materialized, text_config, top_level_names
 from romcomp.errors import RomcompError
 from romcomp.experts import fit_experts
 from romcomp.hf.modeling_romcomp import QUANT_METHOD, swap_linear
@@ -107,13 +108,10 @@ class Engine:
 
             return hook
 
-        def identity(hidden_states=None, *args, **kwargs):
-            return hidden_states if hidden_states is not None else args[0]
-
         handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
                    for i, layer in enumerate(self.layers)]  # fmt: skip
         for layer in self.layers:
-            layer.forward = identity
+            layer.forward = identity_block
         try:
             with materialized(self.model, tensors), torch.inference_mode():
                 for start, stop in self.batches(windows.shape[0]):
@@ -134,6 +132,14 @@ class Engine:
                 h.remove()
             for layer in self.layers:
                 del layer.forward
+
+    @contextmanager
+    def calibration_mode(self) -> Iterator[None]:
+        """Inference mode, and autocast to ``compute_dtype`` when it is not float32 (matmuls in bfloat16;
+        boundaries, norms' accumulations and the statistics stay float32)."""
+        low = self.compute_dtype != torch.float32
+        with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
+            yield
 
     def call_block(self, block: nn.Module, index: int, hidden: torch.Tensor):
         """Block ``index``'s forward on ``hidden`` with the arguments its own layer received."""
@@ -165,8 +171,7 @@ class Engine:
         With a bfloat16 compute dtype, autocast runs the matmuls in bfloat16 (weights and activations
         rounded per op) while boundaries, norms' accumulations and the statistics stay float32.
         """
-        low = self.compute_dtype != torch.float32
-        with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
+        with self.calibration_mode():
             for start, stop in self.batches(source.shape[0]):
                 out = self.call_block(block, index, source.read(start, stop))
                 self._emit(out, sink, start, stop)
@@ -267,8 +272,7 @@ class Engine:
     ) -> None:  # fmt: skip
         """Per batch: the dense forward (to ``dense_sink`` when it runs to the end), then each compressed
         one; hooks pair their inputs and may stop a forward early."""
-        low = self.compute_dtype != torch.float32
-        with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
+        with self.calibration_mode():
             for start, stop in self.batches(dense_source.shape[0]):
                 for module, stream in [(dense, dense_source), *compressed]:
                     try:
@@ -319,8 +323,7 @@ class Engine:
 
         def run(_stats: dict) -> None:
             t0 = time.perf_counter()
-            low = self.compute_dtype != torch.float32
-            with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
+            with self.calibration_mode():
                 for start, stop in self.batches(variant.source.shape[0]):
                     try:
                         self.call_block(block, index, variant.source.read(start, stop))
@@ -457,6 +460,11 @@ def stream_blocks(engine: Engine, targets: Sequence[Target], windows: torch.Tens
     return times
 
 
+def identity_block(hidden_states=None, *args, **kwargs):
+    """A block's forward that hands its hidden states on unchanged (captures and the gradient head)."""
+    return hidden_states if hidden_states is not None else args[0]
+
+
 def is_encoder(hf_config) -> bool:
     """A checkpoint of a bare (encoder) model such as ``BertModel``, loaded with ``AutoModel``, rather
     than a causal LM: decided by the architectures the checkpoint declares."""
@@ -470,7 +478,7 @@ def build_shell(hf_config) -> nn.Module:
     auto = AutoModel if is_encoder(hf_config) else AutoModelForCausalLM
     with init_empty_weights():
         model = auto.from_config(hf_config, dtype=torch.float32)
-    if any(hasattr(m, "has_gate") and hasattr(m, "num_experts") for m in model.modules()):
+    if any(is_experts_module(m) for m in model.modules()):
         model.set_experts_implementation(QUANT_METHOD)  # runs factored experts, feeds their statistics
     model.eval()
     model.config.use_cache = False

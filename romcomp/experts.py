@@ -28,10 +28,10 @@ STARVED = "fewer routed tokens than their statistics' width"
 """The note's wording, which the end-of-run summary counts."""
 
 
-def expert_matrix(module: nn.Module, proj: str, expert: int) -> torch.Tensor:
-    """Expert ``expert``'s ``proj`` weight as d_out × d_in, whatever the family's layout."""
-    weight = getattr(module, proj).detach()[expert]
-    return weight.T if module.is_transposed else weight
+def expert_matrices(module: nn.Module, proj: str) -> torch.Tensor:
+    """Every expert's ``proj`` weight as experts × d_out × d_in (a view), whatever the family's layout."""
+    weight = getattr(module, proj).detach()
+    return weight.transpose(1, 2) if module.is_transposed else weight
 
 
 def expert_bias(module: nn.Module, proj: str, expert: int) -> torch.Tensor | None:
@@ -64,7 +64,7 @@ def fit_projection(
     than ROM's augmented fit, and the experts of a projection share one stored rank."""
     owner, _, proj = name.rpartition(".")
     module = block.get_submodule(owner)
-    dense = getattr(module, proj).detach()
+    dense = expert_matrices(module, proj)  # read before the swap replaces the parameter
     pair = swap_experts(block, name, rank)
     pair.down.data.zero_()
     pair.up.data.zero_()
@@ -73,7 +73,7 @@ def fit_projection(
     notes: list[str] = []
     for e in range(dense.shape[0]):
         st = stats.pop((name, e), None)
-        weight, b = (dense[e].T if module.is_transposed else dense[e]), expert_bias(module, proj, e)
+        weight, b = dense[e], expert_bias(module, proj, e)
         if not data_free and (st is None or st.count < st.xtx.shape[0]):
             starved.append(f"{e} ({0 if st is None else st.count})")
             f = plain_svd.decompose(weight, b, None, rank)

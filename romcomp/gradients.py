@@ -36,7 +36,7 @@ from tqdm import tqdm
 from romcomp.activations import Boundary
 from romcomp.checkpoint import atomic_save_safetensors
 from romcomp.discovery import materialized, module_name, text_config, top_level_names
-from romcomp.engine import Engine
+from romcomp.engine import Engine, identity_block
 from romcomp.errors import RomcompError
 
 GRAD_DIR = "gradients"
@@ -74,14 +74,11 @@ def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: B
     layers = engine.layers
     fed: dict[str, torch.Tensor] = {}
 
-    def identity(hidden_states=None, *args, **kwargs):
-        return hidden_states if hidden_states is not None else args[0]
-
     def feed(*args, **kwargs):
         return fed["h"]
 
     for layer in layers:
-        layer.forward = identity
+        layer.forward = identity_block
     layers[-1].forward = feed
     losses = []
     try:

@@ -26,7 +26,7 @@ from romcomp.checkpoint import atomic_save_safetensors
 from romcomp.discovery import text_config
 from romcomp.engine import Engine
 from romcomp.errors import RomcompError
-from romcomp.experts import expert_bias, expert_matrix, projection_shape
+from romcomp.experts import expert_bias, expert_matrices, projection_shape
 from romcomp.experts import narrow as experts_narrow
 from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
 from romcomp.methods.rom import augmented_weight, whitening_root
@@ -142,12 +142,13 @@ def experts_spectrum(block: nn.Module, name: str, stats: dict, tokens: int) -> t
     module = block.get_submodule(owner)
     by_output = experts_narrow(block, name)
     total = None
-    for expert in range(getattr(module, proj).shape[0]):
+    weights = expert_matrices(module, proj)
+    for expert in range(weights.shape[0]):
         st = stats.pop((name, expert), None)
         if st is None:
             continue
-        weight, bias = expert_matrix(module, proj, expert), expert_bias(module, proj, expert)
-        eig = output_spectrum(weight, bias, st, by_output) * (st.count / tokens)
+        bias = expert_bias(module, proj, expert)
+        eig = output_spectrum(weights[expert], bias, st, by_output) * (st.count / tokens)
         total = eig if total is None else _padded_sum(total, eig)
     if total is None:
         _, d_in, d_out, bias = projection_shape(block, name)
