@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=64, help="calibration windows (C4)")
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--max-ram", default="8GB")
+    parser.add_argument("--max-ram-for", default="", help="per-configuration caps, e.g. fwsvd+uniform=4GB")
     parser.add_argument("--limit", type=int, default=0, help="zero-shot documents per task (0: none)")
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--ppl-sets", default="wikitext2,ptb,c4", help="perplexity sets (wikitext2 first)")
@@ -128,7 +129,13 @@ def main() -> None:
     log = args.out_dir / "bench.log"
     ratios = [float(r) for r in args.ratios.split(",")]
     start = time.perf_counter()
-    runs = [bench_targeted.compress(args, name, ratios, log) for name in args.configs.split(",")]
+    caps = dict(item.split("=", 1) for item in args.max_ram_for.split(",") if item)
+    runs = [
+        bench_targeted.compress(
+            argparse.Namespace(**{**vars(args), "max_ram": caps.get(name, args.max_ram)}), name, ratios, log
+        )  # fmt: skip
+        for name in args.configs.split(",")
+    ]
     doc = bench_targeted.evaluate(args, [o for run in runs for o in run["outs"].values()], log)
     table = bench_targeted.rows(doc, runs)
     print(markdown(table))
