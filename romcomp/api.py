@@ -120,6 +120,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         expert_covs=tuple(expert_covs),
         linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
         shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
+        untied_head=not getattr(hf_config, "tie_word_embeddings", False),
     )
 
 
@@ -182,7 +183,10 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
     streams = len(ratios) + int(cfg.fit == "error-aware")
     cross = cfg.fit == "error-aware"
-    mem = plan(dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams, cross, cfg.sequential)
+    grads = (2 if cfg.method in FULL_GRADIENT_METHODS else 1) if cfg.method in GRADIENT_METHODS else 0
+    mem = plan(
+        dims, cfg.n_samples, cfg.seq_len, budget or default_budget(), streams, cross, cfg.sequential, grads
+    )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         threadpool_limits(cfg.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool

@@ -23,6 +23,7 @@ empirical Fisher of the official FWSVD/ASVD code, which runs one window per batc
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,7 @@ from romcomp.checkpoint import atomic_save_safetensors
 from romcomp.discovery import materialized, module_name, text_config, top_level_names
 from romcomp.engine import Engine, identity_block
 from romcomp.errors import RomcompError
+from romcomp.memory import HEAD_CHUNK  # the head's logits: chunk × vocabulary, not window × vocabulary
 
 GRAD_DIR = "gradients"
 
@@ -68,9 +70,16 @@ def _head_tensors(engine: Engine) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the family's forward takes ``logits_to_keep`` (positions whose logits the head computes)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: Boundary) -> float:
     """``∂L_w/∂h`` of each window's mean next-token loss w.r.t. the last block's outputs ``h``, into
-    ``sink``; returns the mean loss (a check against the model's own perplexity)."""
+    ``sink``; returns the mean loss (a check against the model's own perplexity). The head runs on
+    ``HEAD_CHUNK`` positions at a time where the family lets it (``logits_to_keep``), the gradients of the
+    chunks' shares of the loss summed."""
     layers = engine.layers
     fed: dict[str, torch.Tensor] = {}
 
@@ -80,16 +89,25 @@ def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: B
     for layer in layers:
         layer.forward = identity_block
     layers[-1].forward = feed
+    predicted = windows.shape[1] - 1
+    chunk = HEAD_CHUNK if _keeps_logits(engine.model) else predicted
     losses = []
     try:
         with materialized(engine.model, _head_tensors(engine)):
             for w in range(windows.shape[0]):
                 fed["h"] = last.read(w, w + 1).clone().requires_grad_(True)
-                logits = engine.model(input_ids=windows[w : w + 1], use_cache=False).logits
-                loss = nn.functional.cross_entropy(logits[0, :-1].float(), windows[w, 1:])
-                (grad,) = torch.autograd.grad(loss, fed["h"])
+                grad, loss_sum = torch.zeros_like(fed["h"]), 0.0
+                for start in range(0, predicted, chunk):
+                    keep = torch.arange(start, min(start + chunk, predicted))
+                    kwargs = {"logits_to_keep": keep} if chunk < predicted else {}
+                    logits = engine.model(input_ids=windows[w : w + 1], use_cache=False, **kwargs).logits
+                    logits = logits[0] if kwargs else logits[0, :-1]
+                    targets = windows[w, keep + 1]
+                    loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / predicted
+                    grad += torch.autograd.grad(loss, fed["h"])[0]
+                    loss_sum += float(loss.detach())
                 sink.write(w, grad)
-                losses.append(float(loss.detach()))
+                losses.append(loss_sum)
     finally:
         for layer in layers:
             del layer.forward

@@ -3,7 +3,8 @@
 The estimate adds up the buffers the engine holds at its peak (one block's weights in fp32, the float64
 covariances of one block, the activation cache, the embedding of the block-0 capture, the runtime's own
 baseline, and the larger of the forward temporaries of one batch and the decomposition workspace of its
-largest matrix, which never coexist), or the final top-level copy if that is larger, plus a measured
+largest matrix, which never coexist), or the final top-level copy or a gradient method's streamed gradient
+pass if larger (phases of their own), plus a measured
 margin (``PLAN_MARGIN``). When nothing fits, the run is refused before any work, naming the smallest budget
 that would work.
 """
@@ -67,6 +68,7 @@ class ModelDims:
     linear_inputs: tuple[int, ...] = ()  # input width of each group (the error-aware fit's accumulators)
     shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
     expert_covs: tuple[int, ...] = ()  # width of every expert's moment (all experts, projections of a block)
+    untied_head: bool = False  # the output head is a matrix of its own (the gradient head holds both)
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,18 @@ class MemoryPlan:
 WORKSPACE = "decomposition workspace (float64)"
 TEMPORARIES = "forward temporaries"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
+GRADIENTS = "gradient pass (the head, or one block under autograd)"
+HEAD_CHUNK = 128  # positions per output-head call of the gradient pass (romcomp.gradients imports it)
 
 
 def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool,
-             streams: int = 1, cross: bool = False, sequential: bool = True) -> dict[str, int]:  # fmt: skip
+             streams: int = 1, cross: bool = False, sequential: bool = True,
+             gradients: int = 0) -> dict[str, int]:  # fmt: skip
     """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase.
+
+    ``gradients``: the streamed gradient pass runs first (:mod:`romcomp.gradients`) with that many
+    weight-sized float32 gradient buffers per linear (1: FWSVD's per-window gradient; 2: LPAF's, which
+    also sums them) — a phase of its own, before the block phase (:func:`_gradient_phase`).
 
     ``streams``: activation streams kept (one compressed stream per ratio, plus the dense one with
     ``cross``, the error-aware fit); each adds a block copy. With ``cross`` every compressed stream has,
@@ -118,7 +127,29 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
         + batch * dims.heads * seq_len * seq_len * f32 * 2,
         "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,
         TOP_LEVEL: 3 * dims.vocab * dims.hidden * f32,
+        GRADIENTS: _gradient_phase(dims, n_samples, seq_len, gradients) if gradients else 0,
     }
+
+
+def _gradient_phase(dims: ModelDims, n_samples: int, seq_len: int, gradients: int) -> int:
+    """The streamed gradient pass's larger step (besides the runtime), one window at a time:
+
+    - the head: every top-level matrix in float32 (embedding, and the head when untied) and six
+      chunk × vocabulary float32 tensors (the logits of ``HEAD_CHUNK`` positions, the loss's log-softmax
+      and the backward's temporaries: four to five measured on a 100k-word head, run to run,
+      ``tests/test_gradients.py``);
+    - one block of the reverse sweep: its weights (as the block phase counts them), ``gradients``
+      weight-sized buffers, the autograd graph of one window (three times the forward temporaries of a
+      batch of one) and three mapped boundary files (the block's input, the gradient from above, the one
+      written below).
+    """
+    f32 = 4
+    matrices = (1 + int(dims.untied_head)) * dims.vocab * dims.hidden * f32
+    head = matrices + 6 * min(seq_len, HEAD_CHUNK) * dims.vocab * f32
+    graph = 3 * (seq_len * (4 * dims.intermediate + 8 * dims.hidden) + 2 * dims.heads * seq_len**2) * f32
+    boundaries = 3 * n_samples * seq_len * dims.hidden * f32
+    block = (3 + gradients) * dims.block_params * f32 + graph + boundaries
+    return max(head, block)
 
 
 def _workspace(dims: ModelDims, cross: bool) -> int:
@@ -143,19 +174,20 @@ def peak_bytes(parts: dict[str, int]) -> int:
     """The estimated peak: the block phase holds everything but the forward temporaries and the
     decomposition workspace *at once* — those two never coexist (forwards finish before decomposing) — and
     the final top-level copy (embedding/head tensors, one at a time) happens after every block is freed."""
-    block_phase = sum(v for k, v in parts.items() if k not in (WORKSPACE, TEMPORARIES, TOP_LEVEL))
+    block_phase = sum(v for k, v in parts.items() if k not in (WORKSPACE, TEMPORARIES, TOP_LEVEL, GRADIENTS))
     block_phase += max(parts[WORKSPACE], parts[TEMPORARIES])
-    return max(block_phase, parts["runtime"] + parts["activation cache"] + parts[TOP_LEVEL])
+    top_phase = parts["runtime"] + parts["activation cache"] + parts[TOP_LEVEL]
+    return max(block_phase, top_phase, parts["runtime"] + parts.get(GRADIENTS, 0))
 
 
 def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: int = 1,
-         cross: bool = False, sequential: bool = True) -> MemoryPlan:  # fmt: skip
+         cross: bool = False, sequential: bool = True, gradients: int = 0) -> MemoryPlan:  # fmt: skip
     """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum."""
     best: tuple[int, dict[str, int]] | None = None
     for in_ram in (True, False):
         for batch in BATCH_CHOICES:
             parts = estimate(
-                dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross, sequential
+                dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross, sequential, gradients
             )
             total = int(peak_bytes(parts) * (1 + PLAN_MARGIN))
             if total <= budget:
