@@ -11,6 +11,9 @@ stays dense. Ratio convention (SVD-LLM's): ``ratio`` is the fraction of block-li
 - ``auto``: one global budget, spent direction by direction where the estimated damage to the residual
   stream per parameter is lowest, across types and depth; a matrix whose rank reaches break-even is kept
   dense (it then costs no more than its factors would).
+- ``asvd``: ASVD's sensitivity-based search — every linear measured at each of ASVD's candidate kept
+  fractions, one linear at a time, and a binary search for the sensitivity threshold that meets the budget
+  (:func:`allocate_asvd`; the measurement is :mod:`romcomp.sensitivity`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from romcomp.errors import BadInputError
+from romcomp.errors import BadInputError, RomcompError
 from romcomp.ranks import LinearShape, allocate_uniform, uniform_rank
 
 ENERGY_EXPONENT = 1.5
@@ -44,6 +47,7 @@ class LinearSpectrum:
     eigvals: torch.Tensor
     sublayer: float
     tokens: int
+    sensitivity: torch.Tensor | None = None  # per ASVD_CANDIDATES entry (``--allocation asvd`` only)
 
     @property
     def weight(self) -> float:
@@ -158,3 +162,62 @@ def _worth(spec: LinearSpectrum, weight: float, s: LinearShape, k: int) -> float
     """Damage avoided per parameter by keeping direction ``k`` (0-based) of ``s``."""
     lam = float(spec.eigvals[k]) if k < spec.eigvals.numel() else 0.0
     return weight * max(lam, 0.0) / s.rank_cost
+
+
+ASVD_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""ASVD's candidate parameter ratios (the factors' parameters over the dense matrix's), as in its official
+``calib_sensitivity_ppl``; a linear not chosen at any of them stays dense."""
+
+
+def check_asvd_ratio(ratio: float) -> None:
+    """ASVD's candidates keep at least ``min(ASVD_CANDIDATES)`` of each matrix: a larger ratio is refused."""
+    if ratio > 1 - min(ASVD_CANDIDATES):
+        raise BadInputError(
+            f"--allocation asvd removes at most {1 - min(ASVD_CANDIDATES):g} of the parameters "
+            f"(ASVD's smallest candidate keeps {min(ASVD_CANDIDATES):g}); got --ratio {ratio:g}"
+        )
+
+
+def allocate_asvd(
+    shapes: Sequence[LinearShape], ratio: float, spectra: dict[str, LinearSpectrum]
+) -> dict[str, int]:
+    """ASVD's ``binary_search_truncation_rank``: every (linear, candidate) pair sorted by sensitivity,
+    most damaging first; a threshold position ``t`` lets each linear take the smallest candidate among
+    the pairs at or after ``t`` (the less damaging ones); the search finds the largest ``t`` — the fewest
+    damaging pairs admitted — whose nominal kept parameters (``Σ numel · candidate``, as ASVD counts
+    them) do not exceed ``1 − ratio`` of dense. (ASVD's own loop stops one step either side of that
+    point; here the budget is never overshot.) Ranks: ASVD's ``⌊numel · candidate / (d_in + d_out)⌋``."""
+    check_asvd_ratio(ratio)
+    pairs = []
+    for order, s in enumerate(shapes):
+        found = spectra[s.name].sensitivity
+        if found is None or found.numel() != len(ASVD_CANDIDATES):
+            raise RomcompError(f"no ASVD sensitivity for {s.name}: the pre-pass ran without it")
+        pairs += [(-float(v), order, c) for v, c in zip(found.tolist(), ASVD_CANDIDATES, strict=True)]
+    pairs.sort()  # most damaging first; ties in the order of ``shapes``, then larger candidates first
+    dense_total = sum(s.dense_params for s in shapes)
+
+    def chosen(t: int) -> dict[int, float]:
+        kept: dict[int, float] = {}
+        for _, order, c in pairs[t:]:
+            kept[order] = min(kept.get(order, 1.0), c)
+        return kept
+
+    def kept_fraction(t: int) -> float:
+        kept = chosen(t)
+        return sum(s.dense_params * kept.get(i, 1.0) for i, s in enumerate(shapes)) / dense_total
+
+    low, high = 0, len(pairs)  # kept_fraction grows with t: find the largest t within the budget
+    while low < high:
+        mid = (low + high + 1) // 2
+        if kept_fraction(mid) <= 1.0 - ratio:
+            low = mid
+        else:
+            high = mid - 1
+    ranks = {}
+    for order, c in chosen(low).items():
+        s = shapes[order]
+        k = uniform_rank(s.d_in, s.d_out, 1.0 - c)
+        if k is not None:
+            ranks[s.name] = min(k, max_rank(s))
+    return ranks

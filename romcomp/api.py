@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoTokenizer
 
 from romcomp import __version__
-from romcomp.allocation import allocate_auto, allocate_last_n, allocate_v2
+from romcomp.allocation import allocate_asvd, allocate_auto, allocate_last_n, allocate_v2
 from romcomp.archs import ArchSpec
 from romcomp.checkpoint import LazyCheckpoint
 from romcomp.config import CompressConfig
@@ -176,6 +176,10 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
             f"--method {cfg.method} needs weight gradients, which romcomp streams for nn.Linear leaves only; "
             "this model has fused MoE experts (use rom, svd-llm, asvd or svd)"
         )
+    if cfg.allocation == "asvd" and arch.experts and cfg.ranks is None:
+        raise BadInputError(
+            "--allocation asvd measures nn.Linear leaves only; this model has fused MoE experts"
+        )
     n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
     other = unfactorized_weights(shell, arch)
@@ -295,14 +299,17 @@ def _allocation(cfg: CompressConfig) -> str:
 
 def _data_driven_ranks(cfg: CompressConfig, targets: list[Target], engine: Engine, windows: torch.Tensor,
                        mem: MemoryPlan, shapes: list[LinearShape], n_blocks: int) -> None:  # fmt: skip
-    """Ranks from the dense pre-pass's spectra (``auto``, ``v2``), one pre-pass for every ratio, fixed in
+    """Ranks from the dense pre-pass's spectra (``auto``, ``v2``) or sensitivities (``asvd``), one pre-pass
+    for every ratio, fixed in
     each manifest once chosen: a resumed run reuses them (and the cached spectra) instead of profiling."""
     from romcomp.profile import profile
 
     t0 = time.perf_counter()
-    spectra = profile(engine, targets[0].output, windows, mem.activations_in_ram, n_blocks, cfg.progress)
+    asvd = cfg.allocation == "asvd"
+    in_ram = mem.activations_in_ram
+    spectra = profile(engine, targets[0].output, windows, in_ram, n_blocks, cfg.progress, asvd)
     seconds = round(time.perf_counter() - t0, 3)
-    allocate = allocate_auto if cfg.allocation == "auto" else allocate_v2
+    allocate = {"auto": allocate_auto, "v2": allocate_v2, "asvd": allocate_asvd}[cfg.allocation]
     for t in targets:
         t.manifest.profile_seconds = seconds
         if not t.ranks:
@@ -315,7 +322,7 @@ def _ranks(
     cfg: CompressConfig, ratio: float, shapes: list[LinearShape], n_blocks: int, arch: ArchSpec
 ) -> dict[str, int] | None:
     """An explicit map checked against the model's linears, a shape-only allocation, or None when the
-    allocation needs the dense pre-pass (``auto``, ``v2``)."""
+    allocation needs the dense pre-pass (``auto``, ``v2``, ``asvd``)."""
     if cfg.ranks is None:
         if cfg.allocation == "uniform":
             return allocate_uniform(shapes, ratio)

@@ -94,7 +94,7 @@ def compress(
         str,
         typer.Option(
             help="Rank allocation: auto (global, from a dense pre-pass), uniform, v2 (SVD-LLM V2), "
-            "last-n (LLM-ROM: only the last N blocks)."
+            "last-n (LLM-ROM: only the last N blocks), asvd (ASVD's sensitivity search, ratio <= 0.6)."
         ),
     ] = "auto",
     last_n: Annotated[

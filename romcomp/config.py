@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from romcomp.allocation import check_asvd_ratio
 from romcomp.errors import BadInputError
 from romcomp.memory import parse_size
 from romcomp.methods import CROSS_METHODS, get_method
 
 CALIB_STREAMS = ("compressed", "dense")
 FITS = ("error-aware", "local")
-ALLOCATIONS = ("auto", "uniform", "v2", "last-n")
+ALLOCATIONS = ("auto", "uniform", "v2", "last-n", "asvd")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 CALIB_DEFAULTS = {"decoder": (128, 512), "encoder": (512, 64)}  # (windows, tokens per window)
 LPAF_DENSITY = 0.5
@@ -98,6 +99,8 @@ class CompressConfig:
             raise BadInputError("--density takes a fraction in (0, 1] and needs --method lpaf")
         if self.method == "lpaf" and self.density is None:
             self.density = LPAF_DENSITY
+        if self.allocation == "asvd" and self.ranks is None:
+            check_asvd_ratio(max(self.ratios))
         if self.last_n is not None and (self.allocation != "last-n" or self.last_n < 1):
             raise BadInputError("--last-n takes a positive number of blocks and needs --allocation last-n")
         if self.calib_stream not in CALIB_STREAMS:

@@ -28,8 +28,11 @@ from romcomp.engine import Engine
 from romcomp.errors import RomcompError
 from romcomp.experts import expert_bias, expert_matrices, projection_shape
 from romcomp.experts import narrow as experts_narrow
+from romcomp.methods import get_method, get_output_method
+from romcomp.methods.base import Factors
 from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
 from romcomp.methods.rom import augmented_weight, whitening_root
+from romcomp.sensitivity import block_sensitivity
 from romcomp.stats import collect_expert_stats, collect_input_stats, collect_output_stats
 
 
@@ -59,9 +62,10 @@ def output_spectrum(weight: torch.Tensor, bias: torch.Tensor | None, stats, by_o
 
 
 def profile_block(
-    engine: Engine, index: int, source: Boundary, sink: Boundary | None
+    engine: Engine, index: int, source: Boundary, sink: Boundary | None, sensitivity: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Spectra and energy weights of block ``index`` on the dense stream; its outputs go to ``sink``."""
+    """Spectra and energy weights of block ``index`` on the dense stream; its outputs go to ``sink``.
+    With ``sensitivity``, also every linear's ASVD sensitivity per candidate (:mod:`romcomp.sensitivity`)."""
     block = engine.load_block(index)
     arch = engine.arch
     narrow = [g for g in arch.groups if len(g) == 1 and _narrow(block.get_submodule(g[0]))]
@@ -106,13 +110,27 @@ def profile_block(
                     by_output = group in narrow
                     st = out_stats[name] if by_output else stats[group[0]]
                     eig[name] = output_spectrum(linear.weight.data, bias, st, by_output)
-                if group[0] in stats:
+                if group[0] in stats and not sensitivity:
                     stats[group[0]].derived.clear()
             for name in arch.experts:
                 eig[name] = experts_spectrum(block, name, expert_stats, tokens)
     finally:
         for h in handles:
             h.remove()
+
+    if sensitivity:
+        leader = {name: g[0] for g in wide for name in g}
+
+        def factors(name: str, rank: int) -> Factors:
+            linear = block.get_submodule(name)
+            bias = None if linear.bias is None else linear.bias.data
+            if name in leader:
+                return get_method("rom")(linear.weight.data, bias, stats[leader[name]], rank)
+            return get_output_method("rom")(linear.weight.data, bias, out_stats[name], rank)
+
+        damage = block_sensitivity(engine, index, block, source, list(arch.linears), factors)
+        for name, values in damage.items():
+            result[f"{prefix}{name}.sensitivity"] = values
 
     def record(name: str, share: float) -> None:
         result[f"{prefix}{name}.eigvals"] = eig[name]
@@ -169,8 +187,9 @@ def _narrow(linear: nn.Linear) -> bool:
 
 
 def profile(engine: Engine, output, windows: torch.Tensor, in_ram: bool, n_blocks: int,
-            progress: bool) -> dict[str, LinearSpectrum]:  # fmt: skip
-    """Run (or resume) the dense pre-pass; returns every block linear's :class:`LinearSpectrum`."""
+            progress: bool, sensitivity: bool = False) -> dict[str, LinearSpectrum]:  # fmt: skip
+    """Run (or resume) the dense pre-pass; returns every block linear's :class:`LinearSpectrum` (with
+    ASVD's sensitivities when ``sensitivity``)."""
     work = output.work
     todo = [i for i in range(n_blocks) if not spectra_path(work, i).exists()]
     if todo:
@@ -189,7 +208,7 @@ def profile(engine: Engine, output, windows: torch.Tensor, in_ram: bool, n_block
         for index in range(first, n_blocks):
             last = index == n_blocks - 1
             sink = None if last else Boundary.create(output.acts_path(index + 1, "profile"), shape, in_ram)
-            tensors = profile_block(engine, index, source, sink)
+            tensors = profile_block(engine, index, source, sink, sensitivity)
             if sink is not None:
                 sink.commit()
             atomic_save_safetensors(tensors, spectra_path(work, index))
@@ -209,5 +228,6 @@ def load_spectra(work: Path, n_blocks: int) -> dict[str, LinearSpectrum]:
         tokens = int(t.pop("tokens"))
         for key in [k for k in t if k.endswith(".eigvals")]:
             name = key[: -len(".eigvals")]
-            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.sublayer"]), tokens)
+            found = t.get(f"{name}.sensitivity")
+            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.sublayer"]), tokens, found)
     return spectra

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romcomp.allocation import LinearSpectrum, allocate_auto, allocate_last_n, allocate_v2, dense_breakeven
-from romcomp.errors import BadInputError
+from romcomp.allocation import (
+    ASVD_CANDIDATES,
+    LinearSpectrum,
+    allocate_asvd,
+    allocate_auto,
+    allocate_last_n,
+    allocate_v2,
+    dense_breakeven,
+)
+from romcomp.errors import BadInputError, RomcompError
 from romcomp.ranks import LinearShape, linear_params
 
 KINDS = {"q": (64, 64), "o": (64, 64), "up": (64, 160), "down": (160, 64)}
@@ -86,3 +94,55 @@ def test_last_n_compresses_only_the_last_blocks_to_the_same_total():
     assert 0.2 <= 1 - kept / dense < 0.21  # floor of each rank: at most one rank step over
     with pytest.raises(BadInputError):
         allocate_last_n(shapes, 0.6, 8, 2, block_of)  # 2 of 8 blocks cannot remove 60% of all
+
+
+def planted_sensitivity(shapes: list[LinearShape], scale: dict[str, float]) -> dict[str, LinearSpectrum]:
+    """Damage ``scale × (1 − candidate)`` at each of ASVD's candidates (more removed, more damage)."""
+    spectra = spectra_for(shapes)
+    for s in shapes:
+        damage = [scale[s.name] * (1 - c) for c in ASVD_CANDIDATES]
+        spectra[s.name].sensitivity = torch.tensor(damage, dtype=torch.float64)
+    return spectra
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5])
+def test_asvd_search_meets_the_budget_and_compresses_the_least_sensitive_layers_most(ratio):
+    shapes = model_shapes()
+    g = torch.Generator().manual_seed(1)
+    scale = {s.name: float(torch.rand(1, generator=g)) * 10 + 0.1 for s in shapes}
+    ranks = allocate_asvd(shapes, ratio, planted_sensitivity(shapes, scale))
+    dense, kept = linear_params(shapes, ranks)
+    assert kept <= (1 - ratio) * dense
+    assert kept > (1 - ratio - 0.1) * dense  # within one candidate step of one matrix kind, not far below
+    # a threshold rule: every linear sits at the smallest candidate whose damage is within one common bound
+    chosen = {}
+    for s in shapes:
+        candidates = [c for c in ASVD_CANDIDATES if s.name in ranks and ranks[s.name] == _rank(s, c)]
+        chosen[s.name] = max(candidates) if candidates else 1.0
+    admitted = [scale[n] * (1 - c) for n, c in chosen.items() if c < 1]
+    bound = max(admitted)
+    for s in shapes:  # nobody stops short of a candidate the bound admits
+        smaller = [c for c in ASVD_CANDIDATES if c < chosen[s.name] and scale[s.name] * (1 - c) < bound]
+        assert not smaller, (s.name, chosen[s.name], smaller)
+    # same shape, less sensitive: never keeps more
+    for a in shapes:
+        for b in shapes:
+            if (
+                KINDS[a.name.rsplit(".", 1)[1]] == KINDS[b.name.rsplit(".", 1)[1]]
+                and scale[a.name] < scale[b.name]
+            ):
+                assert chosen[a.name] <= chosen[b.name]
+
+
+def _rank(s: LinearShape, candidate: float) -> int | None:
+    from romcomp.ranks import uniform_rank
+
+    return uniform_rank(s.d_in, s.d_out, 1 - candidate)
+
+
+def test_asvd_search_refuses_beyond_its_smallest_candidate_and_without_sensitivities():
+    shapes = model_shapes()
+    with pytest.raises(BadInputError, match="at most 0.6"):
+        allocate_asvd(shapes, 0.7, planted_sensitivity(shapes, dict.fromkeys((s.name for s in shapes), 1.0)))
+    with pytest.raises(RomcompError, match="no ASVD sensitivity"):
+        allocate_asvd(shapes, 0.3, spectra_for(shapes))

@@ -113,6 +113,43 @@ def test_cli_options_allocation_fit_last_n_and_ratio_list(tiny4, tmp_path, calib
     assert proc.stdout.count("output       ") == 2
 
 
+def test_allocation_asvd_measures_every_linear_and_meets_the_budget(tiny4, tmp_path, calib_text):
+    """``--allocation asvd``: a sensitivity per linear and candidate in the pre-pass cache, rising as the
+    candidate keeps less (the block's output error of a smaller projection is larger); ranks that differ
+    between linears of one shape; the ratio's budget met; the output loads and runs."""
+    from romcomp.allocation import ASVD_CANDIDATES
+    from romcomp.profile import load_spectra
+
+    out = tmp_path / "asvd"
+    proc = romcomp_cli(str(tiny4), "--calib", str(calib_text), "--n-samples", "4", "--seq-len", "32",
+                       "--no-progress", "--ratio", "0.3", "--allocation", "asvd", "--method", "asvd",
+                       "--fit", "local", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (record["allocation"], record["method"]) == ("asvd", "asvd")
+    spectra = load_spectra(out / ".romcomp", 4)
+    assert len(spectra) == 4 * 7
+    for name, spec in spectra.items():
+        damage = spec.sensitivity
+        assert damage is not None and damage.numel() == len(ASVD_CANDIDATES), name
+        assert bool((damage[:-1] >= damage[1:] * (1 - 1e-6)).all()) and damage[0] > damage[-1] > 0, name
+    model = AutoModelForCausalLM.from_pretrained(str(tiny4))
+    shapes = {
+        n: m.weight.shape
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n
+    }
+    dense = sum(o * i for o, i in shapes.values())
+    kept = dense - sum(o * i - k * (o + i) for n, k in record["ranks"].items() for o, i in [shapes[n]])
+    assert 0.6 * dense < kept <= 0.7 * dense
+    by_kind: dict[str, set] = {}
+    for n in shapes:
+        by_kind.setdefault(n.rsplit(".", 1)[1], set()).add(record["ranks"].get(n))
+    assert any(len(r) > 1 for r in by_kind.values())  # not a uniform allocation
+    logits = AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[1, 2, 3]])).logits
+    assert logits.isfinite().all()
+
+
 @pytest.mark.parametrize(
     "opts,message",
     [
@@ -124,6 +161,7 @@ def test_cli_options_allocation_fit_last_n_and_ratio_list(tiny4, tmp_path, calib
         (["--ratio", "0.2", "--method", "svd", "--fit", "error-aware"], "error-aware needs"),
         (["--ratio", "0.2", "--calib-stream", "dense"], "use --fit local"),
         (["--ratio", "0.9", "--allocation", "last-n", "--last-n", "1", "--seq-len", "64"], "cannot remove"),
+        (["--ratio", "0.2,0.7", "--allocation", "asvd"], "removes at most 0.6"),
     ],
 )
 def test_bad_targeted_options_are_one_line_and_write_nothing(tiny4, tmp_path, calib_text, opts, message):

@@ -36,6 +36,7 @@ CONFIGS = {
     "svd-llm+uniform": ["--method", "svd-llm", "--allocation", "uniform", "--calib-stream", "dense", *LOCAL],
     "rom+uniform": ["--method", "rom", "--allocation", "uniform", *LOCAL],
     "asvd+auto": ["--method", "asvd", "--allocation", "auto", *LOCAL],
+    "asvd+asvd": ["--method", "asvd", "--allocation", "asvd", *LOCAL],  # ASVD's own search (paper setting)
     "svd-llm+auto": ["--method", "svd-llm", "--allocation", "auto", *LOCAL],
     "rom+auto": [],  # the default: auto allocation, error-aware fit
 }

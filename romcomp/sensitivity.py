@@ -1,0 +1,85 @@
+"""ASVD's per-layer sensitivity, measured block by block (``--allocation asvd``).
+
+ASVD (Yuan et al., 2023) compresses one linear at a time to each candidate parameter ratio and records
+the model's perplexity on calibration windows; its rank search then spends the budget where that damage
+is smallest (:func:`romcomp.allocation.allocate_asvd`). A whole-model evaluation per (linear, candidate)
+is ``linears × candidates`` model forwards — 1,260 for SmolLM2-135M, hours on a CPU, and it needs the model
+in memory. Here the damage is measured where it happens, inside the dense pre-pass that already holds the
+block and its statistics: the linear is replaced by its rank-k output-optimal projection (ROM's local fit,
+whatever ``--method`` is), the block is run on the first ``WINDOWS`` calibration windows, and the
+sensitivity is the squared change of the block's output relative to what the block adds to the residual
+stream. Cost: ``linears × candidates`` block forwards on ``WINDOWS`` windows per block — about one extra
+pre-pass of the whole calibration set for 64 windows. The departure (block output instead of the model's
+perplexity, ROM's projection instead of ASVD's scaled SVD) is what makes it streamable; the search is
+ASVD's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from romcomp.activations import Boundary
+from romcomp.allocation import ASVD_CANDIDATES
+from romcomp.engine import Engine
+from romcomp.methods.base import Factors
+from romcomp.ranks import uniform_rank
+
+WINDOWS = 8
+"""Calibration windows each sensitivity is measured on (ASVD's official default: 32 windows of 2048
+tokens, i.e. 64k tokens; here 8 × the calibration length, 4k tokens at 512)."""
+
+
+def block_sensitivity(
+    engine: Engine,
+    index: int,
+    block: nn.Module,
+    source: Boundary,
+    names: list[str],
+    factors: Callable[[str, int], Factors],
+) -> dict[str, torch.Tensor]:
+    """``{linear name: sensitivity per ASVD_CANDIDATES entry}`` for block ``index`` on its dense inputs
+    ``source``; ``factors(name, rank)`` gives that linear's rank-``rank`` factors. Each linear's weight
+    is restored before the next one is measured, so every measurement sees the dense block otherwise."""
+    n = min(WINDOWS, source.shape[0])
+    with torch.inference_mode():
+        inputs = [source.read(start, stop) for start, stop in engine.batches(n)]
+        reference = [_output(engine, block, index, x) for x in inputs]
+        update = sum(float((y - x).double().pow(2).sum()) for x, y in zip(inputs, reference, strict=True))
+        result = {}
+        for name in names:
+            linear = block.get_submodule(name)
+            weight = linear.weight.data
+            bias = None if linear.bias is None else linear.bias.data
+            damage = []
+            try:
+                for candidate in ASVD_CANDIDATES:
+                    rank = uniform_rank(linear.in_features, linear.out_features, 1.0 - candidate)
+                    if rank is None:  # factors at this ratio would not be smaller: the linear stays dense
+                        damage.append(0.0)
+                        continue
+                    linear.weight.data = weight  # factor the dense weight, not the last candidate's
+                    if bias is not None:
+                        linear.bias.data = bias
+                    f = factors(name, rank)
+                    linear.weight.data = f.dense().to(weight.dtype)
+                    if bias is not None and f.bias is not None:
+                        linear.bias.data = f.bias.to(bias.dtype)
+                    err = sum(
+                        float((_output(engine, block, index, x) - y).double().pow(2).sum())
+                        for x, y in zip(inputs, reference, strict=True)
+                    )
+                    damage.append(err / update if update > 0 else 0.0)
+            finally:
+                linear.weight.data = weight
+                if bias is not None:
+                    linear.bias.data = bias
+            result[name] = torch.tensor(damage, dtype=torch.float64)
+    return result
+
+
+def _output(engine: Engine, block: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+    out = engine.call_block(block, index, x)
+    return out[0] if isinstance(out, tuple) else out
