@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -145,18 +146,30 @@ def run(cfg: CompressConfig) -> CompressResult:
     return results[0]
 
 
-def run_many(cfg: CompressConfig) -> list[CompressResult]:
-    """Every ratio of ``cfg`` in one pass: one output directory per ratio, sharing the dense pre-pass,
-    each block's load and the dense activation stream (the error-aware fit's targets)."""
+@dataclass
+class Prepared:
+    """Everything cheap a streamed run needs, checked before any expensive work: the resolved source, the
+    meta shell and lazy checkpoint, the discovered architecture, the memory plan and the calibration."""
+
+    source: Any
+    hf_config: Any
+    shell: torch.nn.Module
+    ckpt: LazyCheckpoint
+    arch: ArchSpec
+    n_blocks: int
+    shapes: list[LinearShape]
+    mem: MemoryPlan
+    windows: torch.Tensor
+    calib_desc: str
+    tied: bool
+
+
+def prepare(cfg: CompressConfig, budget: int | None, streams: int = 1) -> Prepared:
+    """Resolve, verify and plan a run of ``cfg`` (compression or analysis) with ``streams`` activation
+    streams; a bad input is refused here, before calibration."""
     from calib import calibration_tokens_description, calibration_windows, load_calibration
     from romcomp.sources import resolve_model
 
-    t_start = time.perf_counter()
-    budget = cfg.validate()
-    ratios = cfg.ratios
-    out_paths = cfg.out_paths()
-    for path in out_paths:
-        check_out_dir(path, cfg.overwrite)
     calib = load_calibration(cfg.calib, cfg.data_dir)
     source = resolve_model(cfg.model)
     hf_config = AutoConfig.from_pretrained(source.path)
@@ -182,10 +195,7 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
         )
     n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
-    other = unfactorized_weights(shell, arch)
-    fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
     dims = model_dims(hf_config, arch, shell, get_output_method(cfg.method) is not None)
-    streams = len(ratios) + int(cfg.fit == "error-aware")
     cross = cfg.fit == "error-aware"
     grads = (2 if cfg.method in FULL_GRADIENT_METHODS else 1) if cfg.method in GRADIENT_METHODS else 0
     mem = plan(
@@ -197,6 +207,23 @@ def run_many(cfg: CompressConfig) -> list[CompressResult]:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     windows = calibration_windows(tokenizer, calib, cfg.n_samples, cfg.seq_len, cfg.seed)
     calib_desc = calibration_tokens_description(calib, cfg.n_samples, cfg.seq_len, cfg.seed)
+    return Prepared(source, hf_config, shell, ckpt, arch, n_blocks, shapes, mem, windows, calib_desc, tied)
+
+
+def run_many(cfg: CompressConfig) -> list[CompressResult]:
+    """Every ratio of ``cfg`` in one pass: one output directory per ratio, sharing the dense pre-pass,
+    each block's load and the dense activation stream (the error-aware fit's targets)."""
+    t_start = time.perf_counter()
+    budget = cfg.validate()
+    ratios = cfg.ratios
+    out_paths = cfg.out_paths()
+    for path in out_paths:
+        check_out_dir(path, cfg.overwrite)
+    p = prepare(cfg, budget, streams=len(ratios) + int(cfg.fit == "error-aware"))
+    source, hf_config, shell, ckpt, arch, windows = p.source, p.hf_config, p.shell, p.ckpt, p.arch, p.windows
+    n_blocks, shapes, mem, calib_desc, tied = p.n_blocks, p.shapes, p.mem, p.calib_desc, p.tied
+    other = unfactorized_weights(shell, arch)
+    fixed = [_ranks(cfg, r, shapes, n_blocks, arch) for r in ratios]  # None: after the dense pre-pass
 
     targets: list[Target] = []
     try:

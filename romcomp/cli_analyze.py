@@ -1,0 +1,75 @@
+"""``romcomp analyze MODEL``: the thin CLI over :func:`romcomp.analysis.analyze`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXAMPLES = """
+Examples:
+
+  romcomp analyze smollm2-135m --out smollm2-analysis
+
+  romcomp analyze qwen2.5-coder-1.5b --max-ram 4GB --n-samples 32
+"""
+
+
+def analyze_command(
+    model: Annotated[str, typer.Argument(help="Local HF directory, .gguf file, alias or hub id.")],
+    out: Annotated[Path | None, typer.Option(help="Report directory (default: <model>-analysis).")] = None,
+    ratio: Annotated[
+        float, typer.Option(help="Report the energy kept at the ranks this ratio assigns (uniform and auto).")
+    ] = 0.2,
+    max_ram: Annotated[
+        str | None, typer.Option(help="Memory budget, e.g. 4GB (default: 80% of available).")
+    ] = None,
+    calib: Annotated[
+        str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")
+    ] = "c4",
+    n_samples: Annotated[
+        int | None,
+        typer.Option(help="Calibration windows [default: 128; 512 for encoders].", show_default=False),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per calibration window [default: 512; 64 for encoders].", show_default=False
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")
+    ] = None,
+    compute_dtype: Annotated[
+        str, typer.Option(help="Calibration forwards in float32 or bfloat16.")
+    ] = "float32",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and BLAS/LAPACK.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Discard a previous analysis in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Weight- and feature-space spectra, effective ranks and energies of every block linear: report.md,
+    analysis.json, spectra.safetensors and PNGs."""
+    from romcomp.analysis import analyze
+    from romcomp.analysis_report import low_rank_ranking
+    from romcomp.config import CompressConfig
+    from romcomp.memory import fmt_bytes
+
+    cfg = CompressConfig(
+        model=model, ratio=ratio, out=out, max_ram=max_ram, calib=calib, n_samples=n_samples, seq_len=seq_len,
+        seed=seed, data_dir=data_dir, compute_dtype=compute_dtype, threads=threads, overwrite=overwrite,
+        progress=progress,
+    )  # fmt: skip
+    result = analyze(cfg)
+    lowest = low_rank_ranking(result.rows)[:3]
+    typer.echo(f"analysis     {result.out} (report.md, analysis.json, spectra.safetensors, PNGs)")
+    names = ", ".join(f"{r['name']} {r['feature']['effective_rank_fraction']:.3f}" for r in lowest)
+    typer.echo(f"linears      {len(result.rows)}; most low-rank (feature space): {names}")
+    typer.echo(f"memory       peak RSS {fmt_bytes(result.peak_rss)} (plan {fmt_bytes(result.plan_estimate)})")
+    typer.echo(f"time         {result.seconds:.0f} s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``romcomp analyze`` (the caller lists "analyze" in its SUBCOMMANDS)."""
+    app.command(name="analyze", epilog=EXAMPLES)(analyze_command)
