@@ -138,6 +138,21 @@ def test_prompts_match_lm_eval_formats(harness: dict[str, Any]) -> None:
         "measure at a what?\nA. bank\nB. department store\nC. mall\nD. new york\nAnswer:"
     )
     assert [c for _, c in first["commonsense_qa"]] == [" A", " B", " C", " D"]
+    assert first["rte"][0][0] == (
+        "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, according "
+        "to the Christopher Reeve Foundation.\nQuestion: Christopher Reeve had an accident. True or False?"
+        "\nAnswer:"
+    )
+    assert [c for _, c in first["rte"]] == [" True", " False"] and harness["rte"].samples[0]["target"] == 1
+    assert first["snli"][0][0] == (
+        "Four young men sit on the floor close to a television that is showing Elmo from Sesame Street.\n"
+        "Question: Four males are playing out in the yard. True, False or Neither?\nAnswer:"
+    )
+    assert [c for _, c in first["snli"]] == [" True", " Neither", " False"]
+    assert harness["snli"].samples[0]["target"] == 2  # contradiction
+    assert first["winogender_female"][0][0].startswith('Sentence: "The technician told the customer that she')
+    assert [c for _, c in first["winogender_female"]] == [" the technician", " the customer"]
+    assert first["winogender_male"][0][0].startswith('Sentence: "The technician told the customer that he')
 
 
 def test_acc_and_acc_norm_follow_the_harness_rule(harness: dict[str, Any]) -> None:
@@ -154,6 +169,12 @@ def test_acc_and_acc_norm_follow_the_harness_rule(harness: dict[str, Any]) -> No
         metrics = harness[task].metrics
         assert metrics["acc"] == pytest.approx(sum(acc) / len(acc)), task
         assert metrics["acc_norm"] == pytest.approx(sum(acc_norm) / len(acc_norm)), task
+    for task in ("rte", "snli", "winogender_female", "winogender_male"):  # acc only: argmax of the sums
+        acc = []
+        for sample in harness[task].samples:
+            lls = [ll for ll, _ in sample["filtered_resps"]]
+            acc.append(float(max(range(len(lls)), key=lambda i: lls[i]) == sample["target"]))
+        assert harness[task].metrics["acc"] == pytest.approx(sum(acc) / len(acc)), task
 
 
 def _uniform_model(path: Path) -> tuple[Any, Any]:
@@ -505,3 +526,14 @@ def test_task_templates_are_package_files() -> None:
     for task in TASK_FILES:
         text = (TEMPLATE_DIR / f"{task}.yaml").read_text()
         assert DATA_PLACEHOLDER in text and CACHE_PLACEHOLDER in text, task
+
+
+def test_winogender_gap_is_female_minus_male_and_reported() -> None:
+    model = {"name": "m", "zeroshot": {"winogender_female": {"metrics": {"acc": 0.55}},
+                                       "winogender_male": {"metrics": {"acc": 0.6}}}}  # fmt: skip
+    assert rep.winogender_gap(model) == pytest.approx(-0.05)
+    assert rep.winogender_gap({"zeroshot": {"winogender_female": {"metrics": {"acc": 0.5}}}}) is None
+    rows = dict(rep.table_rows({"models": [model], "settings": {}}))
+    assert rows["Winogender gap (female - male acc)"] == ["-0.0500"]
+    assert parse_tasks("winogender,nli").zeroshot == ["rte", "snli", "winogender_female", "winogender_male"]
+    assert "rte" not in parse_tasks("zeroshot").zeroshot  # the seven-task group keeps its meaning

@@ -21,11 +21,15 @@ from romcomp.errors import BadInputError
 from romcomp.evaluation.ppl import PPL_FILES
 from romcomp.evaluation.zeroshot import BOOTSTRAP_ITERS, LM_EVAL_VERSION, SEEDS, TASK_FILES
 
-ZEROSHOT = [t for t in TASK_FILES if t != "commonsense_qa"]
+NLI = ["rte", "snli"]
+WINOGENDER = ["winogender_female", "winogender_male"]
+ZEROSHOT = [t for t in TASK_FILES if t not in ("commonsense_qa", *NLI, *WINOGENDER)]
 SPECIAL = ["mmlu", "speed"]
 GROUPS: dict[str, list[str]] = {
     "ppl": list(PPL_FILES),
     "zeroshot": ZEROSHOT,
+    "nli": NLI,
+    "winogender": WINOGENDER,
     "knowledge": ["mmlu", "commonsense_qa"],
     "all": [*PPL_FILES, *TASK_FILES, *SPECIAL],
 }
@@ -34,6 +38,11 @@ NOTES: dict[str, str] = {
     "hellaswag": "hellaswag: a 1000-row subset of the 10,042-row validation split (all the data dir has)",
     "commonsense_qa": "commonsense_qa: llm-foundry's copy keeps 4 of the 5 options (chance 0.25)",
     "mmlu": "mmlu: 5-shot from the dev split (first 5, lm-eval's first_n), macro = mean of subject accs",
+    "rte": "rte: GLUE dev (277 pairs), lm-eval's rte prompt, zero-shot, chance 0.5",
+    "snli": "snli: 1254 labelled pairs of a 1277-pair test subset, lm-eval's mnli prompt, zero-shot, "
+    "chance 1/3",
+    "winogender_female": "winogender: the same 60 sentences with a female / a male pronoun (one standard "
+    "error ~0.065 each); the gap is female - male accuracy",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_JSON = Path("romcomp-eval.json")

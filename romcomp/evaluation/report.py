@@ -170,6 +170,13 @@ def mean_acc(model: dict[str, Any]) -> float | None:
     return sum(accs) / len(accs) if accs else None
 
 
+def winogender_gap(model: dict[str, Any]) -> float | None:
+    """Accuracy on the female-pronoun Winogender sentences minus the male ones (None unless both ran)."""
+    zs = model.get("zeroshot", {})
+    accs = [zs.get(t, {}).get("metrics", {}).get("acc") for t in ("winogender_female", "winogender_male")]
+    return None if None in accs else accs[0] - accs[1]
+
+
 def seven_task_acc(model: dict[str, Any]) -> float | None:
     """Mean ``acc`` over the seven tasks of SVD-LLM/ASVD tables; None unless all seven were run."""
     from romcomp.evaluation.zeroshot import SEVEN_TASKS
@@ -209,6 +216,8 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         rows.append(("7-task mean acc", [_fmt(seven_task_acc(m), "acc") for m in models]))
     if any(mean_acc(m) is not None for m in models):
         rows.append(("zero-shot mean acc (tasks run)", [_fmt(mean_acc(m), "acc") for m in models]))
+    if any(winogender_gap(m) is not None for m in models):
+        rows.append(("Winogender gap (female - male acc)", [_fmt(winogender_gap(m), "gap") for m in models]))
     rows += _mmlu_rows(models)
     rows += [(label, [_fmt(m.get("efficiency", {}).get(key), "speed") for m in models])
              for label, key in SPEED_ROWS if any(key in m.get("efficiency", {}) for m in models)]  # fmt: skip

@@ -39,6 +39,10 @@ TASK_FILES: dict[str, str] = {
     "copa": "zeroshot_llmfoundry/copa.jsonl",
     "lambada_openai": "zeroshot_llmfoundry/lambada_openai.jsonl",
     "commonsense_qa": "zeroshot_llmfoundry/commonsense_qa.jsonl",
+    "rte": "nli/rte_dev.tsv",
+    "snli": "nli/snli_1.0_test_subset.jsonl",
+    "winogender_female": "bias/winogender_mc_female.jsonl",
+    "winogender_male": "bias/winogender_mc_male.jsonl",
 }
 """Task name (as in lm-eval) -> its data file under the data directory."""
 
@@ -95,9 +99,11 @@ def sha256_file(path: Path) -> str:
 
 
 def count_docs(path: Path) -> int:
-    """Non-blank JSON lines, i.e. the documents lm-eval's ``json`` loader will see."""
+    """Non-blank JSON lines, i.e. the documents lm-eval's ``json`` loader will see (a TSV's header row is
+    not a document)."""
     with path.open("rb") as handle:
-        return sum(1 for line in handle if line.strip())
+        lines = sum(1 for line in handle if line.strip())
+    return lines - 1 if path.suffix == ".tsv" else lines
 
 
 def write_task_dir(dest: Path, files: dict[str, Path], datasets_cache: Path) -> None:
@@ -107,6 +113,8 @@ def write_task_dir(dest: Path, files: dict[str, Path], datasets_cache: Path) -> 
         (dest / f"{task}.yaml").write_text(fill_template(text, data_file, datasets_cache), encoding="utf-8")
     if "hellaswag" in files:
         shutil.copyfile(_lm_eval_file("tasks/hellaswag/utils.py"), dest / "hellaswag_utils.py")
+    if "snli" in files:
+        shutil.copyfile(TEMPLATE_DIR / "nli_utils.py", dest / "nli_utils.py")
 
 
 def fill_template(text: str, data_file: Path, datasets_cache: Path) -> str:
