@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Low-rank (reduced-order model) compression of decoder LLMs, block by block, on a CPU.",
 )
-SUBCOMMANDS = {"compress", "eval", "analyze"}
+SUBCOMMANDS = {"compress", "eval", "analyze", "probe"}
 
 EXAMPLES = """
 Examples:
@@ -168,10 +168,12 @@ def _refuse_encoder_perplexity(model: str) -> None:
 
 def _register_subcommands() -> None:
     from romcomp.cli_analyze import register as register_analyze
+    from romcomp.cli_probe import register as register_probe
     from romcomp.evaluation.cli import register
 
     register(app)
     register_analyze(app)
+    register_probe(app)
 
 
 _register_subcommands()

@@ -1,0 +1,1 @@
+"""``romcomp probe``: linear probes on frozen hidden states, with control tasks (selectivity)."""

@@ -1,0 +1,119 @@
+"""Frozen hidden states of every layer, and a seeded logistic-regression probe per layer and task.
+
+Features: each sentence's hidden states averaged over its tokens (padding excluded), for the embedding
+output and every block's output (``output_hidden_states``), in float32. Probe: multinomial logistic
+regression with scikit-learn's L2 objective (``C = PROBE_C``), full-batch L-BFGS for at most
+``PROBE_ITERS`` iterations (a fixed budget; torch, ~50× faster than scikit-learn's lbfgs here), on
+standardized features, trained on a seeded 80% of the sentences and scored on the other 20%; the control
+task uses the same split. Selectivity = task accuracy − control accuracy (Hewitt & Liang, 2019).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+PROBE_C = 1.0
+PROBE_ITERS = 100
+TEST_SHARE = 0.2
+BATCH = 32
+
+
+def is_encoder_model(model: Any) -> bool:
+    return not getattr(model.config, "is_decoder", False) and "CausalLM" not in type(model).__name__
+
+
+def load_probe_model(path: str) -> tuple[Any, Any]:
+    """A decoder as its causal-LM class (its hidden states are the base model's), an encoder as AutoModel;
+    romcomp outputs through romcomp's registered loading."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    import romcomp  # noqa: F401 - registers the romcomp quantizer
+    from romcomp.engine import is_encoder
+
+    cls = AutoModel if is_encoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def sentence_features(model: Any, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """``(layers + 1, sentences, hidden)`` mean-pooled hidden states (embeddings first)."""
+    tokenizer.padding_side = "right"
+    chunks = []
+    for start in range(0, len(texts), BATCH):
+        batch = tokenizer(list(texts[start : start + BATCH]), return_tensors="pt", padding=True)
+        out = model(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = [(h.float() * mask).sum(1) / mask.sum(1) for h in out.hidden_states]
+        chunks.append(torch.stack(pooled))
+    return torch.cat(chunks, dim=1)
+
+
+def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train/test split of ``n`` items."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * (1 - TEST_SHARE)))
+    return order[:cut], order[cut:]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, scikit-learn's objective (``C·Σ loss + ½‖W‖²``, divided by n):
+    full-batch L-BFGS from zero for at most ``PROBE_ITERS`` iterations (deterministic; a fixed budget)."""
+    n, d = x.shape
+    w = torch.zeros(d, classes, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=PROBE_ITERS, history_size=10, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-10)  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + (w * w).sum() / (2 * PROBE_C * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    """Test accuracy of the logistic-regression probe trained on ``train`` (features standardized with
+    the training part's mean and deviation)."""
+    classes = int(y.max()) + 1
+    if len(set(y[train].tolist())) < 2:
+        return float((y[test] == y[train][0]).mean())
+    xt = torch.from_numpy(x).float()
+    mean, std = xt[train].mean(0), xt[train].std(0).clamp_min(1e-6)
+    xt = (xt - mean) / std
+    labels = torch.from_numpy(y).long()
+    w, b = fit_logistic(xt[train], labels[train], classes)
+    return float(((xt[test] @ w + b).argmax(1) == labels[test]).float().mean())
+
+
+def probe_layers(features: torch.Tensor, labels: Sequence[int], control: Sequence[int],
+                 seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Per layer: task and control test accuracy and selectivity; plus the majority baseline."""
+    y, c = np.asarray(labels), np.asarray(control)
+    train, test = split(len(y), seed)
+    layers = []
+    for layer in range(features.shape[0]):
+        x = features[layer].numpy()
+        acc = probe_accuracy(x, y, train, test)
+        ctrl = probe_accuracy(x, c, train, test)
+        layers.append({"layer": layer, "acc": acc, "control_acc": ctrl, "selectivity": acc - ctrl})
+    majority = Counter(y[train].tolist()).most_common(1)[0][0]
+    return {
+        "n_train": int(len(train)),
+        "n_test": int(len(test)),
+        "classes": int(len(set(y.tolist()))),
+        "majority_acc": float((y[test] == majority).mean()),
+        "layers": layers,
+    }
