@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from romcomp import cli_options as opt
 from romcomp.errors import RomcompError
 
 app = typer.Typer(
@@ -45,9 +46,7 @@ def compress(
             "(0.1,0.2,0.3) writes one output per ratio in one pass, under --out."
         ),
     ],
-    max_ram: Annotated[
-        str | None, typer.Option(help="Memory budget, e.g. 4GB or 24GiB (default: 80% of available).")
-    ] = None,
+    max_ram: opt.MaxRam = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: <model>-r<ratio>).")] = None,
     method: Annotated[
         str,
@@ -57,23 +56,11 @@ def compress(
             "streamed gradients) or lpaf (first-order pruning, then a factorization of the kept weights)."
         ),
     ] = "rom",
-    calib: Annotated[
-        str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")
-    ] = "c4",
-    n_samples: Annotated[
-        int | None,
-        typer.Option(help="Calibration windows [default: 128; 512 for encoders].", show_default=False),
-    ] = None,
-    seq_len: Annotated[
-        int | None,
-        typer.Option(
-            help="Tokens per calibration window [default: 512; 64 for encoders].", show_default=False
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")
-    ] = None,
+    calib: opt.Calib = "c4",
+    n_samples: opt.NSamples = None,
+    seq_len: opt.SeqLen = None,
+    seed: opt.Seed = 0,
+    data_dir: opt.DataDir = None,
     calib_stream: Annotated[
         str, typer.Option(help="Calibrate each block on the 'compressed' or the 'dense' model's activations.")
     ] = "compressed",
@@ -108,20 +95,12 @@ def compress(
             show_default=False,
         ),
     ] = None,
-    compute_dtype: Annotated[
-        str,
-        typer.Option(
-            help="Calibration forwards in float32 or bfloat16 (autocast; ~4x matmul speed "
-            "on AVX-512-BF16 CPUs). Statistics and decompositions stay float32/float64."
-        ),
-    ] = "float32",
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for torch and BLAS/LAPACK (default: their own choice).")
-    ] = None,
+    compute_dtype: opt.ComputeDtype = "float32",
+    threads: opt.Threads = None,
     overwrite: Annotated[
         bool, typer.Option(help="Discard a previous romcomp output in --out and start over.")
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: opt.Progress = True,
     ppl_windows: Annotated[
         int,
         typer.Option(

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from romcomp import cli_options as opt
+
 EXAMPLES = """
 Examples:
 
@@ -22,32 +24,16 @@ def analyze_command(
     ratio: Annotated[
         float, typer.Option(help="Report the energy kept at the ranks this ratio assigns (uniform and auto).")
     ] = 0.2,
-    max_ram: Annotated[
-        str | None, typer.Option(help="Memory budget, e.g. 4GB (default: 80% of available).")
-    ] = None,
-    calib: Annotated[
-        str, typer.Option(help="Calibration set: c4, wikitext2, ptb or a .txt/.jsonl path.")
-    ] = "c4",
-    n_samples: Annotated[
-        int | None,
-        typer.Option(help="Calibration windows [default: 128; 512 for encoders].", show_default=False),
-    ] = None,
-    seq_len: Annotated[
-        int | None,
-        typer.Option(
-            help="Tokens per calibration window [default: 512; 64 for encoders].", show_default=False
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")
-    ] = None,
-    compute_dtype: Annotated[
-        str, typer.Option(help="Calibration forwards in float32 or bfloat16.")
-    ] = "float32",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and BLAS/LAPACK.")] = None,
+    max_ram: opt.MaxRam = None,
+    calib: opt.Calib = "c4",
+    n_samples: opt.NSamples = None,
+    seq_len: opt.SeqLen = None,
+    seed: opt.Seed = 0,
+    data_dir: opt.DataDir = None,
+    compute_dtype: opt.ComputeDtype = "float32",
+    threads: opt.Threads = None,
     overwrite: Annotated[bool, typer.Option(help="Discard a previous analysis in --out.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: opt.Progress = True,
 ) -> None:
     """Weight- and feature-space spectra, effective ranks and energies of every block linear: report.md,
     analysis.json, spectra.safetensors and PNGs."""

@@ -115,30 +115,25 @@ def _label_tree_depth(tree: Tree) -> int | None:
     return _bin(tree.depth() - 1, (4, 5, 6, 7))  # ROOT not counted
 
 
-def _label_tense(tree: Tree) -> int | None:
+def _clause_tags(tree: Tree, label: str, prefix: str) -> list[str]:
+    """The tags starting with ``prefix`` under the root clause's first ``label`` child (its VP, its NP)."""
     clause = _clause(tree)
-    vp = (
-        next((c for c in clause.children if isinstance(c, Tree) and c.label == "VP"), None)
+    child = (
+        next((c for c in clause.children if isinstance(c, Tree) and c.label == label), None)
         if clause
         else None
     )
-    if vp is None:
-        return None
-    tag = next((t for t, _ in vp.tagged() if t.startswith("VB")), None)
-    return {"VBD": 0, "VBP": 1, "VBZ": 1}.get(tag or "")
+    return [] if child is None else [t for t, _ in child.tagged() if t.startswith(prefix)]
+
+
+def _label_tense(tree: Tree) -> int | None:
+    verbs = _clause_tags(tree, "VP", "VB")
+    return {"VBD": 0, "VBP": 1, "VBZ": 1}.get(verbs[0]) if verbs else None
 
 
 def _label_subject_number(tree: Tree) -> int | None:
-    clause = _clause(tree)
-    np = (
-        next((c for c in clause.children if isinstance(c, Tree) and c.label == "NP"), None)
-        if clause
-        else None
-    )
-    if np is None:
-        return None
-    nouns = [t for t, _ in np.tagged() if t.startswith("NN")]
-    return None if not nouns else int(nouns[-1] in ("NNS", "NNPS"))
+    nouns = _clause_tags(tree, "NP", "NN")
+    return int(nouns[-1] in ("NNS", "NNPS")) if nouns else None
 
 
 def _constituents(tree: Tree) -> str | None:
