@@ -9,9 +9,9 @@ block and its statistics: the linear is replaced by its rank-k output-optimal pr
 whatever ``--method`` is), the block is run on the first ``WINDOWS`` calibration windows, and the
 sensitivity is the squared change of the block's output relative to what the block adds to the residual
 stream. Cost: ``linears × candidates`` block forwards on ``WINDOWS`` windows per block — 42 × 8 = 336
-window-forwards per block for a Llama-style block, about five times a 64-window pre-pass's forwards. The departure (block output instead of the model's
-perplexity, ROM's projection instead of ASVD's scaled SVD) is what makes it streamable; the search is
-ASVD's own.
+window-forwards per block for a Llama-style block, about five times a 64-window pre-pass's forwards.
+The departure (block output instead of the model's perplexity, ROM's projection instead of ASVD's scaled
+SVD) is what makes it streamable; the search is ASVD's own.
 """
 
 from __future__ import annotations
