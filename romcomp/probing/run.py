@@ -41,16 +41,18 @@ def run_probes(models: list[str], out: Path, data_dir: Path | None, tasks: list[
     trees = load_sentences(root)
     data = {t: build_task(t, trees, seed) for t in tasks}
     controls = {t: control_labels(x, y, seed) for t, (x, y) in data.items()}
+    texts = list(dict.fromkeys(text for x, _ in data.values() for text in x))
+    index = {text: i for i, text in enumerate(texts)}
     doc: dict[str, Any] = {"data": str(root / SNLI_FILE), "seed": seed, "tasks": tasks, "models": []}
     for spec, source in zip(models, resolved, strict=True):
         t0 = time.perf_counter()
         model, tokenizer = load_probe_model(str(source.path))
+        features = sentence_features(model, tokenizer, texts)  # every sentence once, for all tasks
+        del model
         results = {}
         for task in tasks:
-            texts, labels = data[task]
-            features = sentence_features(model, tokenizer, texts)
-            results[task] = probe_layers(features, labels, controls[task], seed)
-        del model
+            rows = [index[t] for t in data[task][0]]
+            results[task] = probe_layers(features[:, rows], data[task][1], controls[task], seed)
         doc["models"].append({"name": spec, "path": str(source.path), "ratio": _ratio(source.path),
                               "seconds": round(time.perf_counter() - t0, 1), "tasks": results})  # fmt: skip
     doc["peak_rss_bytes"] = peak_rss()
