@@ -121,7 +121,6 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         expert_covs=tuple(expert_covs),
         linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
         shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
-        untied_head=not getattr(hf_config, "tie_word_embeddings", False),
     )
 
 
