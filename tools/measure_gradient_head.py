@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     cfg = CompressConfig(model=args.model, ratio=0.2, max_ram=args.max_ram, method="fwsvd",
-                         allocation="uniform", fit="local", sequential=False, n_samples=args.n_samples, seq_len=512,
+                         allocation="uniform", fit="local", sequential=False, n_samples=args.n_samples,
+                         seq_len=512,
                          threads=args.threads, progress=False)  # fmt: skip
     p = prepare(cfg, cfg.validate())
     print(
@@ -66,7 +67,8 @@ def main() -> None:
         last = Boundary.load(work / f"a{p.n_blocks}.bin", shape, in_ram=False)
         loss = head_gradient(engine, p.windows, last, Boundary.create(work / "g.bin", shape, in_ram=False))
     print(
-        f"head mean loss {loss:.4f}; peak {fmt_bytes(peak_rss())} ({peak_rss():,} B), --max-ram {args.max_ram}"
+        f"head mean loss {loss:.4f}; peak {fmt_bytes(peak_rss())} ({peak_rss():,} B); "
+        f"--max-ram {args.max_ram}"
     )
 
 
