@@ -164,6 +164,7 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
 
     t0 = time.perf_counter()
     require_matplotlib()
+    cfg.fit, cfg.sequential = "local", False  # the pre-pass only gathers statistics: plan no fit's workspace
     budget = cfg.validate()
     if len(cfg.ratios) != 1:
         raise BadInputError("romcomp analyze reports the ranks of one --ratio")

@@ -540,3 +540,12 @@ def test_winogender_gap_is_female_minus_male_and_reported() -> None:
     assert rows["Winogender gap (female - male acc)"] == ["-0.0500"]
     assert parse_tasks("winogender,nli").zeroshot == ["rte", "snli", "winogender_female", "winogender_male"]
     assert "rte" not in parse_tasks("zeroshot").zeroshot  # the seven-task group keeps its meaning
+
+
+def test_nli_documents_are_counted_as_scored(data_dir: Path) -> None:
+    """A full NLI run is not marked partial: SNLI's 23 unlabelled pairs and RTE's header are not documents."""
+    from romcomp.evaluation.zeroshot import count_docs
+
+    assert count_docs(data_dir / TASK_FILES["snli"], "snli") == 1254
+    assert count_docs(data_dir / TASK_FILES["rte"], "rte") == 277
+    assert count_docs(data_dir / TASK_FILES["winogender_male"], "winogender_male") == 60

@@ -98,12 +98,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def count_docs(path: Path) -> int:
-    """Non-blank JSON lines, i.e. the documents lm-eval's ``json`` loader will see (a TSV's header row is
-    not a document)."""
+def count_docs(path: Path, task: str = "") -> int:
+    """The documents a task scores: non-blank JSON lines (a TSV's header row is not a document; SNLI's
+    pairs without a gold label, ``"-"``, are dropped by its ``process_docs`` and not counted)."""
     with path.open("rb") as handle:
-        lines = sum(1 for line in handle if line.strip())
-    return lines - 1 if path.suffix == ".tsv" else lines
+        lines = [line for line in handle if line.strip()]
+    if task == "snli":
+        return sum(1 for line in lines if json.loads(line).get("gold_label") != "-")
+    return len(lines) - 1 if path.suffix == ".tsv" else len(lines)
 
 
 def write_task_dir(dest: Path, files: dict[str, Path], datasets_cache: Path) -> None:
@@ -202,7 +204,7 @@ def _task_result(task: str, data_file: Path, out: dict[str, Any], limit: int | N
         for key, value in raw.items()
         if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool)
     }
-    total = count_docs(data_file)
+    total = count_docs(data_file, task)
     scored = int(out.get("n-samples", {}).get(task, {}).get("effective", min(total, limit or total)))
     samples = list(out.get("samples", {}).get(task, []))
     return TaskResult(task, metrics, scored, total, str(data_file), sha256_file(data_file), samples)
