@@ -20,8 +20,6 @@ issue's checks, machine and command, and writes ``perplexity.png`` (WikiText-2 v
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -111,25 +109,13 @@ def plot(table: list[dict[str, Any]], path: Path, dense: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--n-samples", type=int, default=64, help="calibration windows (C4)")
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--max-ram", default="8GB")
+    bench_targeted.add_run_arguments(parser, CONFIGS)
     parser.add_argument("--max-ram-for", default="", help="per-configuration caps, e.g. fwsvd+uniform=4GB")
     parser.add_argument("--limit", type=int, default=0, help="zero-shot documents per task (0: none)")
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--ppl-sets", default="wikitext2,ptb,c4", help="perplexity sets (wikitext2 first)")
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(bench_targeted.REPO_ROOT))
-    bench_targeted.CONFIGS.update(CONFIGS)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    log = args.out_dir / "bench.log"
-    ratios = [float(r) for r in args.ratios.split(",")]
-    start = time.perf_counter()
+    log, ratios, start = bench_targeted.prepare_run(args, CONFIGS)
     caps = dict(item.split("=", 1) for item in args.max_ram_for.split(",") if item)
     runs = [
         bench_targeted.compress(

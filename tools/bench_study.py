@@ -108,26 +108,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--n-samples", type=int, default=64)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--max-ram", default="8GB")
-    parser.add_argument("--threads", type=int, default=None)
+    bench_targeted.add_run_arguments(parser, CONFIGS)
     args = parser.parse_args()
-    sys.path.insert(0, str(bench_targeted.REPO_ROOT))
+    log, ratios, start = bench_targeted.prepare_run(args, CONFIGS)
     from transformers import AutoConfig
 
     from romcomp.engine import is_encoder
     from romcomp.sources import resolve_model
 
-    bench_targeted.CONFIGS.update(CONFIGS)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    log = args.out_dir / "bench.log"
-    ratios = [float(r) for r in args.ratios.split(",")]
-    start = time.perf_counter()
     runs = [bench_targeted.compress(args, name, ratios, log) for name in args.configs.split(",")]
     outs = [o for r in runs for o in r["outs"].values()]
     where = {str(Path(o).resolve()): (r["config"], float(k)) for r in runs for k, o in r["outs"].items()}

@@ -41,6 +41,27 @@ CONFIGS = {
 TARGETS = {0.1: 38.0, 0.2: 50.0, 0.3: 95.0}  # SmolLM2-135M WikiText-2, first 40 x 512 windows
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, configs: dict[str, list[str]]) -> None:
+    """The options every multi-configuration benchmark shares (model, ratios, configurations, calibration,
+    memory cap, threads, output directory)."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--configs", default=",".join(configs), help=f"comma list of {', '.join(configs)}")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--n-samples", type=int, default=64, help="calibration windows (C4)")
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--max-ram", default="8GB")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def prepare_run(args: argparse.Namespace, configs: dict[str, list[str]]) -> tuple[Path, list[float], float]:
+    """Register ``configs``, create the output directory; (log file, ratios, start time)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    CONFIGS.update(configs)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    return args.out_dir / "bench.log", [float(r) for r in args.ratios.split(",")], time.perf_counter()
+
+
 def compress(args: argparse.Namespace, name: str, ratios: list[float], log: Path) -> dict[str, Any]:
     """One multi-ratio run of configuration ``name`` (reused when every output is finished)."""
     parent = args.out_dir / name
