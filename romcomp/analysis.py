@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from romcomp.allocation import LinearSpectrum, allocate_auto
+from romcomp.archs import ArchSpec
 from romcomp.config import CompressConfig
 from romcomp.errors import BadInputError
 from romcomp.ranks import LinearShape, allocate_uniform
@@ -177,7 +178,7 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
                     out_dtype=torch.float32, batch_size=p.mem.batch_size)  # fmt: skip
     spectra = profile(engine, workdir, p.windows, p.mem.activations_in_ram, p.n_blocks, cfg.progress)
     ratio = cfg.ratios[0]
-    linears = collect(p.ckpt, p.arch.blocks, p.shapes, spectra)
+    linears = collect(p.ckpt, p.arch, p.shapes, spectra)
     uniform = allocate_uniform(p.shapes, ratio)
     auto = allocate_auto(p.shapes, ratio, spectra)
     rows = [a.record(uniform.get(a.name), auto.get(a.name)) for a in linears]
@@ -211,13 +212,13 @@ def _open(workdir: WorkDir, cfg: CompressConfig, calib: str, source: str) -> Non
 
 
 def collect(
-    ckpt, blocks: str, shapes: list[LinearShape], spectra: dict[str, LinearSpectrum]
+    ckpt, arch: ArchSpec, shapes: list[LinearShape], spectra: dict[str, LinearSpectrum]
 ) -> list[LinearAnalysis]:
     """Every linear's feature spectrum (from the pre-pass) and weight spectrum and statistics (each weight
     read from the checkpoint once, one at a time)."""
     found = []
     for s in shapes:
-        block_index = int(s.name[len(blocks) + 1 :].split(".")[0])
+        block_index = arch.block_index(s.name)
         feature = spectra[s.name].eigvals.clamp_min(0).sqrt()
         weight, stats = None, {}
         if s.count == 1:

@@ -353,7 +353,7 @@ def _ranks(
         if cfg.allocation == "uniform":
             return allocate_uniform(shapes, ratio)
         if cfg.allocation == "last-n":
-            block_of = {s.name: int(s.name[len(arch.blocks) + 1 :].split(".")[0]) for s in shapes}
+            block_of = {s.name: arch.block_index(s.name) for s in shapes}
             return allocate_last_n(shapes, ratio, n_blocks, cfg.last_n, block_of)
         return None
     known = {s.name: s for s in shapes}

@@ -40,3 +40,7 @@ class ArchSpec:
     def block_prefix(self, index: int) -> str:
         """State-dict prefix of block ``index`` (e.g. ``model.layers.3.``)."""
         return f"{self.blocks}.{index}."
+
+    def block_index(self, name: str) -> int:
+        """The block a module of a block belongs to (``model.layers.3.mlp.up_proj`` → 3)."""
+        return int(name[len(self.blocks) + 1 :].split(".")[0])

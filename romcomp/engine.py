@@ -141,10 +141,12 @@ class Engine:
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.compute_dtype, enabled=low):
             yield
 
-    def call_block(self, block: nn.Module, index: int, hidden: torch.Tensor):
-        """Block ``index``'s forward on ``hidden`` with the arguments its own layer received."""
+    def call_block(self, block: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s forward on ``hidden`` with the arguments its own layer received; its output
+        hidden states (a family returning a tuple gives its first element)."""
         args, kwargs = self.block_calls[(index, hidden.shape[0])]
-        return block(hidden, *args, **kwargs)
+        out = block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     def batches(self, n: int) -> Iterator[tuple[int, int]]:
         for start in range(0, n, self.batch_size):
@@ -177,9 +179,8 @@ class Engine:
                 self._emit(out, sink, start, stop)
 
     @staticmethod
-    def _emit(out, sink: Boundary | None, start: int, stop: int) -> None:
+    def _emit(out: torch.Tensor, sink: Boundary | None, start: int, stop: int) -> None:
         """Check a block's outputs for one batch and write them (float32) to ``sink`` when given."""
-        out = out[0] if isinstance(out, tuple) else out
         if not torch.isfinite(out).all():
             raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
         if sink is not None:

@@ -94,7 +94,6 @@ def profile_block(
                 current["x"] = source.read(start, stop)
                 energy["in0"] += float(current["x"].double().pow(2).sum())
                 out = engine.call_block(block, index, current["x"])
-                out = out[0] if isinstance(out, tuple) else out
                 if not torch.isfinite(out).all():
                     raise RomcompError(f"non-finite activations after block samples {start}..{stop}")
                 if sink is not None:

@@ -46,7 +46,7 @@ def block_sensitivity(
     n = min(WINDOWS, source.shape[0])
     with torch.inference_mode():
         inputs = [source.read(start, stop) for start, stop in engine.batches(n)]
-        reference = [_output(engine, block, index, x) for x in inputs]
+        reference = [engine.call_block(block, index, x) for x in inputs]
         update = sum(float((y - x).double().pow(2).sum()) for x, y in zip(inputs, reference, strict=True))
         result = {}
         for name in names:
@@ -68,7 +68,7 @@ def block_sensitivity(
                     if bias is not None and f.bias is not None:
                         linear.bias.data = f.bias.to(bias.dtype)
                     err = sum(
-                        float((_output(engine, block, index, x) - y).double().pow(2).sum())
+                        float((engine.call_block(block, index, x) - y).double().pow(2).sum())
                         for x, y in zip(inputs, reference, strict=True)
                     )
                     damage.append(err / update if update > 0 else 0.0)
@@ -78,8 +78,3 @@ def block_sensitivity(
                     linear.bias.data = bias
             result[name] = torch.tensor(damage, dtype=torch.float64)
     return result
-
-
-def _output(engine: Engine, block: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
-    out = engine.call_block(block, index, x)
-    return out[0] if isinstance(out, tuple) else out
