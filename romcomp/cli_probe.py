@@ -27,6 +27,9 @@ def probe_command(
         int, typer.Option(help="Seed of the split, the bigram shifts and the control labels.")
     ] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    layer_step: Annotated[
+        int, typer.Option(help="Probe every N-th layer (from the embeddings) and the last: N× fewer probes.")
+    ] = 1,
 ) -> None:
     """Linear probes (logistic regression) on every layer's hidden states for seven linguistic tasks, each
     with a control task: accuracy, control accuracy and selectivity per layer; probe.json, report.md and
@@ -36,7 +39,7 @@ def probe_command(
     from romcomp.probing.tasks import TASKS
 
     wanted = [t.strip() for t in tasks.split(",") if t.strip()] or list(TASKS)
-    doc = run_probes(models, out, data_dir, wanted, seed, threads)
+    doc = run_probes(models, out, data_dir, wanted, seed, threads, layer_step)
     for m in doc["models"]:
         cells = ", ".join(f"{t} {best(m['tasks'][t])['selectivity']:+.2f}" for t in wanted)
         typer.echo(f"{m['name']}: best selectivity {cells}")

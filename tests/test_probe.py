@@ -106,3 +106,31 @@ def test_probe_command_end_to_end_on_a_tiny_model(tiny_llama: Path, tmp_path: Pa
         "probe", str(tiny_llama), "--out", str(out), "--tasks", "syntax", "--data-dir", str(tmp_path / "data")
     )
     assert bad.returncode == 2 and "unknown probing task" in bad.stderr
+    every = tmp_path / "every2"
+    proc = romcomp_cli("probe", str(tiny_llama), "--out", str(every), "--data-dir", data_dir, "--tasks",
+                       "sentence_length", "--threads", "2", "--layer-step", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((every / "probe.json").read_text())["models"][0]["tasks"]["sentence_length"]["layers"]
+    full = doc["models"][0]["tasks"]["sentence_length"]["layers"]
+    assert [r["layer"] for r in rows] == [0, 2, 3] and rows == [full[0], full[2], full[3]]  # same split, fits
+    assert "| 2 |" in (every / "report.md").read_text()
+    bad = romcomp_cli("probe", str(tiny_llama), "--out", str(every), "--layer-step", "0", "--data-dir",
+                      data_dir)  # fmt: skip
+    assert bad.returncode == 2 and "--layer-step must be >= 1" in bad.stderr
+
+
+def test_features_are_the_causal_lms_hidden_states_pooled_by_hand(tiny_llama: Path) -> None:
+    """The base model run (no logits) gives the causal LM's own hidden states, mean-pooled over each
+    sentence's tokens with the padding left out, in the order given (and the last layer alone when asked)."""
+    from romcomp.probing.probe import load_probe_model, sentence_features
+
+    model, tok = load_probe_model(str(tiny_llama))
+    texts = ["a much longer sentence than the others are", "a short one", "middling length here"]
+    features = sentence_features(model, tok, texts)  # batched by length, returned in the given order
+    assert features.shape == (model.config.num_hidden_layers + 1, 3, model.config.hidden_size)
+    torch.testing.assert_close(sentence_features(model, tok, texts, all_layers=False)[0], features[-1])
+    with torch.inference_mode():
+        for i, text in enumerate(texts):
+            states = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+            by_hand = torch.stack([h[0].mean(0) for h in states])
+            torch.testing.assert_close(features[:, i], by_hand, rtol=1e-4, atol=1e-5)

@@ -18,20 +18,24 @@ from typing import Annotated, Any
 import typer
 
 from romcomp.errors import BadInputError
+from romcomp.evaluation.nli_head import FOLDS, HEAD_TASKS
 from romcomp.evaluation.ppl import PPL_FILES
 from romcomp.evaluation.zeroshot import BOOTSTRAP_ITERS, LM_EVAL_VERSION, SEEDS, TASK_FILES
 
 NLI = ["rte", "snli"]
 WINOGENDER = ["winogender_female", "winogender_male"]
 ZEROSHOT = [t for t in TASK_FILES if t not in ("commonsense_qa", *NLI, *WINOGENDER)]
+HEADS = list(HEAD_TASKS)
 SPECIAL = ["mmlu", "speed"]
+DEFAULT_TASKS = {"decoder": "ppl,zeroshot,speed", "encoder": "nli"}
 GROUPS: dict[str, list[str]] = {
     "ppl": list(PPL_FILES),
     "zeroshot": ZEROSHOT,
     "nli": NLI,
     "winogender": WINOGENDER,
+    "nli_head": HEADS,
     "knowledge": ["mmlu", "commonsense_qa"],
-    "all": [*PPL_FILES, *TASK_FILES, *SPECIAL],
+    "all": [*PPL_FILES, *TASK_FILES, *HEADS, *SPECIAL],
 }
 NOTES: dict[str, str] = {
     "c4": "c4: JSON lines 901-1000 of the 1000-doc C4 train sample, held out from calibration",
@@ -41,6 +45,9 @@ NOTES: dict[str, str] = {
     "rte": "rte: GLUE dev (277 pairs), lm-eval's rte prompt, zero-shot, chance 0.5",
     "snli": "snli: 1254 labelled pairs of a 1277-pair test subset, lm-eval's mnli prompt, zero-shot, "
     "chance 1/3",
+    "rte_head": "rte_head, snli_head: logistic regression on frozen [u, v, |u-v|, u*v] features (last "
+    f"layer, mean-pooled), {FOLDS}-fold stratified cross-validation on the evaluation pairs (no training "
+    "split offline), seed 0; an encoder's rte/snli are scored this way",
     "winogender_female": "winogender: the same 60 sentences with a female / a male pronoun (one standard "
     "error ~0.065 each); the gap is female - male accuracy",
 }
@@ -66,10 +73,23 @@ class Tasks:
     zeroshot: list[str] = field(default_factory=list)
     mmlu: bool = False
     speed: bool = False
+    heads: list[str] = field(default_factory=list)
 
     def names(self) -> list[str]:
         flags = [name for name, on in (("mmlu", self.mmlu), ("speed", self.speed)) if on]
-        return [*self.ppl, *self.zeroshot, *flags]
+        return [*self.ppl, *self.zeroshot, *self.heads, *flags]
+
+    def for_encoders(self, model: str) -> Tasks:
+        """An encoder's selection: ``rte``/``snli`` become their frozen-feature heads; anything that needs
+        a next-token head (perplexity, prompts, MMLU, decode speed) is refused before any load."""
+        heads = dict.fromkeys([*(f"{t}_head" for t in self.zeroshot if t in NLI), *self.heads])
+        other = [n for n in self.names() if n not in NLI and n not in HEADS]
+        if other:
+            raise BadInputError(
+                f"{model} is an encoder: it has no next-token head for {', '.join(other)}; "
+                "its tasks are rte, snli (a head on frozen features)"
+            )
+        return Tasks(heads=[h for h in HEADS if h in heads])
 
 
 @dataclass
@@ -102,21 +122,21 @@ def parse_tasks(spec: str) -> Tasks:
             continue
         if name in GROUPS:
             wanted.update(GROUPS[name])
-        elif name in PPL_FILES or name in TASK_FILES or name in SPECIAL:
+        elif name in PPL_FILES or name in TASK_FILES or name in HEADS or name in SPECIAL:
             wanted.add(name)
         else:
-            known = ", ".join([*GROUPS, *PPL_FILES, *TASK_FILES, *SPECIAL])
+            known = ", ".join([*GROUPS, *PPL_FILES, *TASK_FILES, *HEADS, *SPECIAL])
             raise BadInputError(f"unknown task {name!r}; known: {known}")
     if not wanted:
         raise BadInputError("--tasks is empty")
     return Tasks(
         [n for n in PPL_FILES if n in wanted], [n for n in TASK_FILES if n in wanted],
-        "mmlu" in wanted, "speed" in wanted,
+        "mmlu" in wanted, "speed" in wanted, [n for n in HEADS if n in wanted],
     )  # fmt: skip
 
 
 def plan(
-    models: list[str], tasks: str, data_dir: Path | None, limit: int | None = None,
+    models: list[str], tasks: str | None, data_dir: Path | None, limit: int | None = None,
     ppl_windows: int | None = None, seq_len: int = 2048, threads: int | None = None,
     batch_size: int = 4, dtype: str = "float32", plots: bool = True, mmlu_limit: int | None = None,
 ) -> EvalPlan:  # fmt: skip
@@ -128,15 +148,19 @@ def plan(
     from romcomp.evaluation.zeroshot import require_lm_eval, task_data_files
     from romcomp.sources import resolve_model
 
-    sel = parse_tasks(tasks)
+    sel = parse_tasks(tasks or DEFAULT_TASKS["decoder"])
     _check_numbers(models, limit, ppl_windows, seq_len, threads, batch_size, dtype)
     if mmlu_limit is not None and mmlu_limit < 1:
         raise BadInputError(f"--mmlu-limit must be >= 1, got {mmlu_limit}")
     root = resolve_data_dir(data_dir)
-    needs_data = sel.ppl or sel.zeroshot or sel.mmlu
+    needs_data = sel.ppl or sel.zeroshot or sel.mmlu or sel.heads
     if needs_data and (root is None or not root.is_dir()):
         raise BadInputError(f"data directory {root or '(none found)'} does not exist; pass --data-dir")
+    resolved = [resolve_model(spec) for spec in models]
+    sel = _tasks_for_models(sel, tasks, resolved)
     files = {**ppl_data_files(sel.ppl, root)} if sel.ppl else {}
+    if sel.heads:
+        files.update(task_data_files([HEAD_TASKS[h] for h in sel.heads], root))
     if sel.zeroshot or sel.mmlu:
         require_lm_eval()
     if sel.zeroshot:
@@ -146,11 +170,29 @@ def plan(
     plots = plots and len(models) > 1
     if plots:
         require_matplotlib()
-    resolved = [resolve_model(spec) for spec in models]
     root = root or Path(".")
     return EvalPlan(
         resolved, sel, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots, mmlu_limit
     )
+
+
+def _tasks_for_models(sel: Tasks, spec: str | None, resolved: list[Any]) -> Tasks:
+    """The selection as the models can run it: encoders get their heads (and ``nli`` by default); one run
+    holds encoders or decoders, not both, since the two score different things."""
+    from transformers import AutoConfig
+
+    from romcomp.engine import is_encoder
+
+    kinds = {r.spec: is_encoder(AutoConfig.from_pretrained(r.path)) for r in resolved}
+    if not any(kinds.values()):
+        return sel
+    if not all(kinds.values()):
+        raise BadInputError(
+            f"evaluate encoders ({', '.join(m for m, e in kinds.items() if e)}) and decoders "
+            f"({', '.join(m for m, e in kinds.items() if not e)}) in separate runs"
+        )
+    encoder = next(iter(kinds))
+    return parse_tasks(spec or DEFAULT_TASKS["encoder"]).for_encoders(encoder)
 
 
 def _check_numbers(
@@ -178,7 +220,9 @@ def settings(p: EvalPlan) -> dict[str, Any]:
         "ppl_windows": p.ppl_windows if p.ppl_windows is not None else p.limit,
         "mmlu_limit": p.mmlu_questions() if t.mmlu else None,
         "seq_len": p.seq_len, "threads": p.threads, "batch_size": p.batch_size, "dtype": p.dtype,
-        "num_fewshot": {"zeroshot": 0, "mmlu": 5}, "seeds": SEEDS, "data_dir": str(p.data_dir),
+        "num_fewshot": {"zeroshot": 0, "mmlu": 5},
+        "nli_head": {"folds": FOLDS, "seed": 0, "features": "[u, v, |u-v|, u*v], last layer, mean-pooled"}
+        if t.heads else None, "seeds": SEEDS, "data_dir": str(p.data_dir),
         "harness": f"lm-eval {LM_EVAL_VERSION}" if (t.zeroshot or t.mmlu) else None,
         "bootstrap_iters": BOOTSTRAP_ITERS,
         "speed": SpeedSettings().to_dict() if t.speed else None,
@@ -188,13 +232,16 @@ def settings(p: EvalPlan) -> dict[str, Any]:
 
 
 def load_model(path: Path, dtype: str) -> tuple[Any, Any]:
-    """Model and tokenizer from a local directory; romcomp outputs load via romcomp's Auto classes."""
+    """Model and tokenizer from a local directory (a decoder with its LM head, an encoder bare); romcomp
+    outputs load via romcomp's Auto classes."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp Auto classes
+    from romcomp.engine import is_encoder
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    auto = AutoModel if is_encoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -253,6 +300,11 @@ def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
         entry["perplexity"] = {r.dataset: r.to_dict() for r in results}
     if t.zeroshot or t.mmlu:
         _harness_tasks(p, model, tokenizer, entry)
+    if t.heads:
+        from romcomp.evaluation.nli_head import run_heads
+
+        files = {HEAD_TASKS[h]: p.data_dir / TASK_FILES[HEAD_TASKS[h]] for h in t.heads}
+        entry["nli_head"] = run_heads(model, tokenizer, t.heads, files, p.limit)
     if t.speed:
         entry["efficiency"] = measure_speed(model)
     entry["seconds"] = round(time.perf_counter() - start, 2)
@@ -320,11 +372,13 @@ def eval_command(
         list[str], typer.Argument(help="HF or romcomp output directories, .gguf files, aliases, hub ids.")
     ],
     tasks: Annotated[
-        str,
-        typer.Option(help="Comma list of groups ppl, zeroshot, knowledge, all and names wikitext2, ptb, c4, "
-                          "piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa, copa, "
-                          "lambada_openai, commonsense_qa, mmlu (5-shot), speed (prefill/decode tok/s)."),
-    ] = "ppl,zeroshot,speed",
+        str | None,
+        typer.Option(help="Comma list of groups ppl, zeroshot, nli, nli_head, winogender, knowledge, all and "
+                          "names wikitext2, ptb, c4, piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
+                          "boolq, openbookqa, copa, lambada_openai, commonsense_qa, rte, snli, rte_head, "
+                          "snli_head (a head on frozen features), winogender_female/_male, mmlu (5-shot), "
+                          "speed (prefill/decode tok/s) [default: ppl,zeroshot,speed; nli for encoders]."),
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Quick partial run: first N examples per task (and N ppl windows).")
     ] = None,

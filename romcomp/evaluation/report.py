@@ -94,6 +94,8 @@ def is_partial(report: dict[str, Any]) -> bool:
             return True
         if any(e["docs_scored"] < e["docs_total"] for e in model.get("zeroshot", {}).values()):
             return True
+        if any(e["pairs"] < e["pairs_total"] for e in model.get("nli_head", {}).values()):
+            return True
         mmlu = model.get("mmlu")
         if mmlu and mmlu["docs_scored"] < mmlu["docs_total"]:
             return True
@@ -148,6 +150,9 @@ def _row_specs(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             for metric in entry["metrics"]:
                 if not metric.endswith("_stderr"):
                     specs.append((f"{task} {metric}", "zeroshot", task, metric))
+        for task, entry in model.get("nli_head", {}).items():
+            specs += [(f"{task} acc ({entry['folds']}-fold head)", "nli_head", task, "acc"),
+                      (f"{task} majority baseline", "nli_head", task, "majority_acc")]  # fmt: skip
     return list(dict.fromkeys(specs))
 
 
@@ -155,7 +160,7 @@ def _value(model: dict[str, Any], section: str, key: str, metric: str) -> float 
     entry = model.get(section, {}).get(key)
     if entry is None:
         return None
-    return entry.get(metric) if section == "perplexity" else entry["metrics"].get(metric)
+    return entry["metrics"].get(metric) if section == "zeroshot" else entry.get(metric)
 
 
 def _kind(metric: str) -> str:
@@ -311,6 +316,8 @@ def _docs_scored(report: dict[str, Any]) -> list[str]:
     for model in report["models"]:
         for task, entry in model.get("zeroshot", {}).items():
             seen.setdefault(task, f"{task} {entry['docs_scored']}/{entry['docs_total']}")
+        for task, entry in model.get("nli_head", {}).items():
+            seen.setdefault(task, f"{task} {entry['pairs']}/{entry['pairs_total']}")
         if "mmlu" in model:
             seen.setdefault("mmlu", f"mmlu {model['mmlu']['docs_scored']}/{model['mmlu']['docs_total']}")
     return list(seen.values())

@@ -44,17 +44,30 @@ def load_probe_model(path: str) -> tuple[Any, Any]:
 
 
 @torch.inference_mode()
-def sentence_features(model: Any, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
-    """``(layers + 1, sentences, hidden)`` mean-pooled hidden states (embeddings first)."""
+def sentence_features(
+    model: Any, tokenizer: Any, texts: Sequence[str], all_layers: bool = True
+) -> torch.Tensor:
+    """``(layers + 1, sentences, hidden)`` mean-pooled hidden states (embeddings first), or ``(1, sentences,
+    hidden)`` of the last layer only (``all_layers=False``: no per-layer states kept). A decoder runs as its
+    base model: the same hidden states without the LM head's logits (32 × 512 × 49k floats for SmolLM2:
+    3 GB of memory that nothing reads). Sentences are batched by length (less padding), returned in order."""
     tokenizer.padding_side = "right"
+    body = getattr(model, "base_model", model)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = []
     for start in range(0, len(texts), BATCH):
-        batch = tokenizer(list(texts[start : start + BATCH]), return_tensors="pt", padding=True)
-        out = model(**batch, output_hidden_states=True)
+        batch = tokenizer([texts[i] for i in order[start : start + BATCH]], return_tensors="pt", padding=True)
+        out = body(**batch, output_hidden_states=all_layers)
+        states = out.hidden_states if all_layers else (out.last_hidden_state,)
         mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = [(h.float() * mask).sum(1) / mask.sum(1) for h in out.hidden_states]
-        chunks.append(torch.stack(pooled))
-    return torch.cat(chunks, dim=1)
+        chunks.append(torch.stack([(h.float() * mask).sum(1) / mask.sum(1) for h in states]))
+    pooled = torch.cat(chunks, dim=1)
+    return pooled[:, torch.argsort(torch.tensor(order))]
+
+
+def probed_layers(n_states: int, step: int) -> list[int]:
+    """Every ``step``-th hidden state from the embeddings, and always the last block's output."""
+    return sorted({*range(0, n_states, step), n_states - 1})
 
 
 def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,14 +111,15 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.nda
     return float(((xt[test] @ w + b).argmax(1) == labels[test]).float().mean())
 
 
-def probe_layers(features: torch.Tensor, labels: Sequence[int], control: Sequence[int],
-                 seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Per layer: task and control test accuracy and selectivity; plus the majority baseline."""
+def probe_layers(features: torch.Tensor, labels: Sequence[int], control: Sequence[int], seed: int = 0,
+                 layer_ids: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Per layer (``features[i]`` is layer ``layer_ids[i]``, default ``i``): task and control test accuracy
+    and selectivity; plus the majority baseline."""
     y, c = np.asarray(labels), np.asarray(control)
     train, test = split(len(y), seed)
     layers = []
-    for layer in range(features.shape[0]):
-        x = features[layer].numpy()
+    for i, layer in enumerate(layer_ids if layer_ids is not None else range(features.shape[0])):
+        x = features[i].numpy()
         acc = probe_accuracy(x, y, train, test)
         ctrl = probe_accuracy(x, c, train, test)
         layers.append({"layer": layer, "acc": acc, "control_acc": ctrl, "selectivity": acc - ctrl})

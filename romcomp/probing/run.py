@@ -17,20 +17,23 @@ TITLE = "Linear probes on frozen hidden states (task, control, selectivity)"
 
 
 def run_probes(models: list[str], out: Path, data_dir: Path | None, tasks: list[str], seed: int = 0,
-               threads: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Probe each model on ``tasks``; writes and returns the JSON document."""
+               threads: int | None = None, layer_step: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Probe each model on ``tasks`` at every ``layer_step``-th layer (and the last); writes and returns
+    the JSON document."""
     import torch
 
     from calib.datasets import resolve_data_dir
     from romcomp.evaluation.plots import require_matplotlib
     from romcomp.memory import peak_rss
-    from romcomp.probing.probe import load_probe_model, probe_layers, sentence_features
+    from romcomp.probing.probe import load_probe_model, probe_layers, probed_layers, sentence_features
     from romcomp.probing.tasks import SNLI_FILE, TASKS, build_task, control_labels, load_sentences
     from romcomp.sources import resolve_model
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise BadInputError(f"unknown probing task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    if layer_step < 1:
+        raise BadInputError(f"--layer-step must be >= 1, got {layer_step}")
     require_matplotlib()
     root = resolve_data_dir(data_dir)
     if root is None or not (root / SNLI_FILE).is_file():
@@ -43,16 +46,20 @@ def run_probes(models: list[str], out: Path, data_dir: Path | None, tasks: list[
     controls = {t: control_labels(x, y, seed) for t, (x, y) in data.items()}
     texts = list(dict.fromkeys(text for x, _ in data.values() for text in x))
     index = {text: i for i, text in enumerate(texts)}
-    doc: dict[str, Any] = {"data": str(root / SNLI_FILE), "seed": seed, "tasks": tasks, "models": []}
+    doc: dict[str, Any] = {
+        "data": str(root / SNLI_FILE), "seed": seed, "tasks": tasks, "layer_step": layer_step, "models": [],
+    }  # fmt: skip
     for spec, source in zip(models, resolved, strict=True):
         t0 = time.perf_counter()
         model, tokenizer = load_probe_model(str(source.path))
         features = sentence_features(model, tokenizer, texts)  # every sentence once, for all tasks
         del model
+        layers = probed_layers(features.shape[0], layer_step)
+        features = features[layers]
         results = {}
         for task in tasks:
             rows = [index[t] for t in data[task][0]]
-            results[task] = probe_layers(features[:, rows], data[task][1], controls[task], seed)
+            results[task] = probe_layers(features[:, rows], data[task][1], controls[task], seed, layers)
         doc["models"].append({"name": spec, "path": str(source.path), "ratio": _ratio(source.path),
                               "seconds": round(time.perf_counter() - t0, 1), "tasks": results})  # fmt: skip
     doc["peak_rss_bytes"] = peak_rss()
@@ -89,15 +96,15 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += ["", "Per layer (selectivity):", ""]
     for m, name in zip(doc["models"], names, strict=True):
-        n_layers = len(next(iter(m["tasks"].values()))["layers"])
+        layers = [row["layer"] for row in next(iter(m["tasks"].values()))["layers"]]
         lines += [
             f"### {name}",
             "",
             "| layer | " + " | ".join(doc["tasks"]) + " |",
             "|---" * (len(doc["tasks"]) + 1) + "|",
         ]
-        for layer in range(n_layers):
-            cells = [f"{m['tasks'][t]['layers'][layer]['selectivity']:+.3f}" for t in doc["tasks"]]
+        for i, layer in enumerate(layers):
+            cells = [f"{m['tasks'][t]['layers'][i]['selectivity']:+.3f}" for t in doc["tasks"]]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -119,6 +126,8 @@ def write(doc: dict[str, Any], out: Path) -> None:
                 for i in range(len(m["tasks"][tasks[0]]["layers"]))]  # fmt: skip
         im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-0.5, vmax=0.5)
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+        ids = [row["layer"] for row in m["tasks"][tasks[0]]["layers"]]
+        ax.set_yticks(range(len(ids)), [str(i) for i in ids], fontsize=7)
         ax.set_ylabel("layer (0 = embeddings)")
         ax.set_title(m["name"] + (f" r{m['ratio']:g}" if m["ratio"] else ""), fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="selectivity")
