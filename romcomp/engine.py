@@ -473,10 +473,16 @@ def is_encoder(hf_config) -> bool:
     return bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+def auto_class(hf_config) -> type:
+    """The transformers Auto class a checkpoint loads with: ``AutoModel`` for an encoder, else
+    ``AutoModelForCausalLM``."""
+    return AutoModel if is_encoder(hf_config) else AutoModelForCausalLM
+
+
 def build_shell(hf_config) -> nn.Module:
     """The whole model on the meta device (no memory), float32, in eval mode, with no KV cache; MoE
     experts run through romcomp's experts implementation (one routed expert at a time)."""
-    auto = AutoModel if is_encoder(hf_config) else AutoModelForCausalLM
+    auto = auto_class(hf_config)
     with init_empty_weights():
         model = auto.from_config(hf_config, dtype=torch.float32)
     if any(is_experts_module(m) for m in model.modules()):

@@ -191,8 +191,7 @@ def _tasks_for_models(sel: Tasks, spec: str | None, resolved: list[Any]) -> Task
             f"evaluate encoders ({', '.join(m for m, e in kinds.items() if e)}) and decoders "
             f"({', '.join(m for m, e in kinds.items() if not e)}) in separate runs"
         )
-    encoder = next(iter(kinds))
-    return parse_tasks(spec or DEFAULT_TASKS["encoder"]).for_encoders(encoder)
+    return (sel if spec else parse_tasks(DEFAULT_TASKS["encoder"])).for_encoders(next(iter(kinds)))
 
 
 def _check_numbers(
@@ -235,13 +234,12 @@ def load_model(path: Path, dtype: str) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory (a decoder with its LM head, an encoder bare); romcomp
     outputs load via romcomp's Auto classes."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp Auto classes
-    from romcomp.engine import is_encoder
+    from romcomp.engine import auto_class
 
-    auto = AutoModel if is_encoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 

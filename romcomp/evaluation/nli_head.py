@@ -114,15 +114,13 @@ def cross_validated_accuracy(
 def run_heads(model: Any, tokenizer: Any, tasks: Sequence[str], files: dict[str, Path],
               limit: int | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Each head task's cross-validated result, with the pairs available and the data file read."""
-    from romcomp.evaluation.zeroshot import sha256_file
+    from romcomp.evaluation.zeroshot import count_docs, sha256_file
 
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     results = {}
     for task in tasks:
         path = files[HEAD_TASKS[task]]
         premises, hypotheses, labels = load_pairs(task, path, limit)
         result = cross_validated_accuracy(pair_features(model, tokenizer, premises, hypotheses), labels)
-        total = len(load_pairs(task, path)[2])
+        total = count_docs(path, HEAD_TASKS[task])  # the prompt task's count of the same file's pairs
         results[task] = {**result, "pairs_total": total, "data_file": str(path), "sha256": sha256_file(path)}
     return results

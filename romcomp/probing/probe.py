@@ -30,17 +30,13 @@ def is_encoder_model(model: Any) -> bool:
 def load_probe_model(path: str) -> tuple[Any, Any]:
     """A decoder as its causal-LM class (its hidden states are the base model's), an encoder as AutoModel;
     romcomp outputs through romcomp's registered loading."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp quantizer
-    from romcomp.engine import is_encoder
+    from romcomp.engine import auto_class
 
-    cls = AutoModel if is_encoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model, tokenizer
+    model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 @torch.inference_mode()
@@ -52,6 +48,8 @@ def sentence_features(
     base model: the same hidden states without the LM head's logits (32 × 512 × 49k floats for SmolLM2:
     3 GB of memory that nothing reads). Sentences are batched by length (less padding), returned in order."""
     tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:  # decoders often ship none; padding is masked out of the mean anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     body = getattr(model, "base_model", model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = []
