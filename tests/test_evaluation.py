@@ -177,6 +177,56 @@ def test_acc_and_acc_norm_follow_the_harness_rule(harness: dict[str, Any]) -> No
         assert harness[task].metrics["acc"] == pytest.approx(sum(acc) / len(acc)), task
 
 
+def _solved_nli_prompts(data_dir: Path, task: str) -> dict[str, str]:
+    """Every pair of an NLI file rendered by hand as a solved example: prompt -> " <gold answer>"."""
+    from romcomp.evaluation.nli_head import load_pairs
+
+    premises, hypotheses, labels = load_pairs(f"{task}_head", data_dir / TASK_FILES[task])
+    solved = {}
+    for premise, hypothesis, label in zip(premises, hypotheses, labels, strict=True):
+        if task == "rte":
+            prompt, answer = (
+                f"{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+                ["True", "False"][label],
+            )
+        else:
+            h = hypothesis.strip() + ("" if hypothesis.strip().endswith(".") else ".")
+            prompt, answer = (
+                f"{premise}\nQuestion: {h} True, False or Neither?\nAnswer:",
+                ["True", "Neither", "False"][label],
+            )
+        solved[prompt] = f" {answer}"
+    return solved
+
+
+def test_few_shot_nli_prompts_are_solved_pairs_from_the_file(
+    tiny: tuple[Any, Any], harness: dict[str, Any], data_dir: Path
+) -> None:
+    """``num_fewshot`` 2: each context is two solved pairs of the same file (gold answers, never the
+    scored pair), then the zero-shot prompt of the scored pair; the harness's log-likelihoods of these
+    longer contexts still equal a direct computation."""
+    from romcomp.evaluation.zeroshot import run_zeroshot
+
+    model, tok = tiny
+    results = run_zeroshot(model, tok, ["rte", "snli"], data_dir, limit=3, log_samples=True, num_fewshot=2)
+    for result in results:
+        solved = _solved_nli_prompts(data_dir, result.task)
+        for sample, zero in zip(result.samples, harness[result.task].samples, strict=True):
+            zero_context = zero["arguments"][0][0]
+            context = sample["arguments"][0][0]
+            assert context.endswith("\n\n" + zero_context), result.task
+            shots = context[: -len(zero_context) - 2].split("\n\n")
+            assert len(shots) == 2, shots
+            for shot in shots:
+                prompt, answer = shot.rsplit("Answer:", 1)
+                assert solved[prompt + "Answer:"] == answer and prompt + "Answer:" != zero_context
+            for (ctx, continuation), (ll, _greedy) in zip(
+                sample["arguments"], sample["filtered_resps"], strict=True
+            ):
+                direct = _direct_loglikelihood(model, tok, ctx, continuation)
+                assert math.isclose(ll, direct, rel_tol=1e-4, abs_tol=1e-3), result.task
+
+
 def _uniform_model(path: Path) -> tuple[Any, Any]:
     """A tiny model whose final norm is zeroed: every next-token distribution is uniform over bytes,
     so a choice's log-likelihood is exactly -(its byte count) * log(vocab)."""
@@ -234,6 +284,7 @@ def test_parse_tasks_groups_and_names() -> None:
         (["x"], "ppl,bogus", {}, "unknown task 'bogus'"),
         (["/no/such/model-dir"], "ppl", {}, "unknown model"),
         (["x"], "ppl", {"limit": 0}, "--limit must be >= 1"),
+        (["x"], "snli", {"num_fewshot": -1}, "--num-fewshot must be >= 0"),
         (["x"], "ppl", {"dtype": "int8"}, "--dtype"),
         ([], "ppl", {}, "at least one MODEL"),
     ],
@@ -268,6 +319,37 @@ def test_cli_command_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path
     assert entry["windows"] == 2 and entry["tokens_scored"] == 62 and entry["seq_len"] == 32
     assert doc["data"]["ptb/ptb.test.txt"].startswith("91a2fa93")
     assert "PARTIAL RUN" in out_md.read_text() and doc["versions"]["lm_eval"]
+
+
+def test_cli_num_fewshot_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path) -> None:
+    """``--num-fewshot 1`` reaches the harness and the report states it (JSON settings, markdown line)."""
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    args = [
+        "eval",
+        str(tiny_llama),
+        "--tasks",
+        "snli",
+        "--limit",
+        "2",
+        "--num-fewshot",
+        "1",
+        "--threads",
+        "1",
+    ]
+    args += ["--json", str(out_json), "--report", str(out_md), "--data-dir", str(data_dir)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = rep.load_json(out_json)
+    assert doc["settings"]["num_fewshot"] == {"zeroshot": 1, "mmlu": 5}
+    assert doc["models"][0]["zeroshot"]["snli"]["docs_scored"] == 2
+    assert "lm-eval tasks num_fewshot 1, MMLU num_fewshot 5" in out_md.read_text()
 
 
 # ------------------------------------------------------------------------------------------------- MMLU

@@ -108,6 +108,7 @@ class EvalPlan:
     dtype: str = "float32"
     plots: bool = True
     mmlu_limit: int | None = None
+    num_fewshot: int = 0
 
     def mmlu_questions(self) -> int | None:
         """Test questions per MMLU subject: ``--mmlu-limit``, else ``--limit``, else all."""
@@ -139,6 +140,7 @@ def plan(
     models: list[str], tasks: str | None, data_dir: Path | None, limit: int | None = None,
     ppl_windows: int | None = None, seq_len: int = 2048, threads: int | None = None,
     batch_size: int = 4, dtype: str = "float32", plots: bool = True, mmlu_limit: int | None = None,
+    num_fewshot: int = 0,
 ) -> EvalPlan:  # fmt: skip
     """Validate everything and resolve the models; raises BadInputError/RomcompError before any load."""
     from calib.datasets import resolve_data_dir
@@ -152,6 +154,8 @@ def plan(
     _check_numbers(models, limit, ppl_windows, seq_len, threads, batch_size, dtype)
     if mmlu_limit is not None and mmlu_limit < 1:
         raise BadInputError(f"--mmlu-limit must be >= 1, got {mmlu_limit}")
+    if num_fewshot < 0:
+        raise BadInputError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     root = resolve_data_dir(data_dir)
     needs_data = sel.ppl or sel.zeroshot or sel.mmlu or sel.heads
     if needs_data and (root is None or not root.is_dir()):
@@ -172,8 +176,9 @@ def plan(
         require_matplotlib()
     root = root or Path(".")
     return EvalPlan(
-        resolved, sel, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots, mmlu_limit
-    )
+        resolved, sel, root, files, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots,
+        mmlu_limit, num_fewshot,
+    )  # fmt: skip
 
 
 def _tasks_for_models(sel: Tasks, spec: str | None, resolved: list[Any]) -> Tasks:
@@ -219,7 +224,7 @@ def settings(p: EvalPlan) -> dict[str, Any]:
         "ppl_windows": p.ppl_windows if p.ppl_windows is not None else p.limit,
         "mmlu_limit": p.mmlu_questions() if t.mmlu else None,
         "seq_len": p.seq_len, "threads": p.threads, "batch_size": p.batch_size, "dtype": p.dtype,
-        "num_fewshot": {"zeroshot": 0, "mmlu": 5},
+        "num_fewshot": {"zeroshot": p.num_fewshot, "mmlu": 5},
         "nli_head": {"folds": FOLDS, "seed": 0, "features": "[u, v, |u-v|, u*v], last layer, mean-pooled"}
         if t.heads else None, "seeds": SEEDS, "data_dir": str(p.data_dir),
         "harness": f"lm-eval {LM_EVAL_VERSION}" if (t.zeroshot or t.mmlu) else None,
@@ -320,7 +325,9 @@ def _harness_tasks(p: EvalPlan, model: Any, tokenizer: Any, entry: dict[str, Any
     # max_length stays lm-eval's own choice (the model's context), as in published harness numbers
     lm = harness_model(model, tokenizer, p.batch_size, None)
     if p.tasks.zeroshot:
-        results = run_zeroshot(model, tokenizer, p.tasks.zeroshot, p.data_dir, p.limit, lm=lm)
+        results = run_zeroshot(
+            model, tokenizer, p.tasks.zeroshot, p.data_dir, p.limit, lm=lm, num_fewshot=p.num_fewshot
+        )
         entry["zeroshot"] = {
             r.task: {"metrics": r.metrics, "docs_scored": r.docs_scored, "docs_total": r.docs_total,
                      "data_file": r.data_file, "sha256": r.sha256}
@@ -402,13 +409,18 @@ def eval_command(
     plots: Annotated[
         bool, typer.Option(help="With several models: PNGs of ppl/acc/throughput vs ratio beside the report.")
     ] = True,
+    num_fewshot: Annotated[
+        int, typer.Option(help="Solved examples before each lm-eval prompt (MMLU: always 5), drawn "
+                               "from the task's own file, never the scored item.")
+    ] = 0,
 ) -> None:  # fmt: skip
     """Perplexity, zero-shot/MMLU accuracy via lm-eval, size, memory and speed, as JSON + markdown."""
     from romcomp.evaluation.report import to_markdown
 
     p = plan(
-        models, tasks, data_dir, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots, mmlu_limit
-    )
+        models, tasks, data_dir, limit, ppl_windows, seq_len, threads, batch_size, dtype, plots,
+        mmlu_limit, num_fewshot,
+    )  # fmt: skip
     doc = run(p, json_path, report)
     typer.echo(to_markdown(doc))
 

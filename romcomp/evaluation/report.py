@@ -272,11 +272,17 @@ def _partial_reason(settings: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _fewshot(settings: dict[str, Any]) -> str:
+    """``lm-eval tasks num_fewshot K, MMLU num_fewshot 5`` (reports before the option had K = 0)."""
+    shots = settings.get("num_fewshot") or {}
+    return f"lm-eval tasks num_fewshot {shots.get('zeroshot', 0)}, MMLU num_fewshot {shots.get('mmlu', 5)}"
+
+
 def _settings_lines(report: dict[str, Any]) -> list[str]:
     s, v = report["settings"], report["versions"]
     lines = [
         f"- seq len {s.get('seq_len')}, threads {s.get('threads')}, dtype {s.get('dtype')}, "
-        f"batch size {s.get('batch_size')}, zero-shot tasks num_fewshot 0, MMLU num_fewshot 5, "
+        f"batch size {s.get('batch_size')}, {_fewshot(s)}, "
         f"seeds {s.get('seeds')}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
     ]

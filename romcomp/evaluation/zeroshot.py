@@ -177,8 +177,12 @@ def run_zeroshot(
     max_length: int | None = None,
     log_samples: bool = False,
     lm: Any = None,
+    num_fewshot: int = 0,
 ) -> list[TaskResult]:
-    """Evaluate ``tasks`` zero-shot on the first ``limit`` documents of each (all when None).
+    """Evaluate ``tasks`` on the first ``limit`` documents of each (all when None), zero-shot unless
+    ``num_fewshot`` > 0: then each prompt is preceded by that many solved examples drawn (seeded) from the
+    task's own file, never the scored document itself (lm-eval's rule for a task with only a test split;
+    the local sets carry no training split).
 
     ``lm``: an existing HFLM to reuse (its model/tokenizer/batch size win over the arguments)."""
     require_lm_eval()
@@ -188,7 +192,7 @@ def run_zeroshot(
     lm = lm if lm is not None else harness_model(model, tokenizer, batch_size, max_length)
     with task_manager(files) as manager:
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=0, limit=limit,
+            model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
             bootstrap_iters=BOOTSTRAP_ITERS, log_samples=log_samples, **SEEDS,
         )  # fmt: skip
     if out is None:
