@@ -319,6 +319,8 @@ def test_cli_command_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path
     assert entry["windows"] == 2 and entry["tokens_scored"] == 62 and entry["seq_len"] == 32
     assert doc["data"]["ptb/ptb.test.txt"].startswith("91a2fa93")
     assert "PARTIAL RUN" in out_md.read_text() and doc["versions"]["lm_eval"]
+    settings_line = next(line for line in out_md.read_text().splitlines() if "seeds" in line)
+    assert "seq len 32" in settings_line and "num_fewshot" not in settings_line  # perplexity only
 
 
 def test_cli_num_fewshot_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path) -> None:

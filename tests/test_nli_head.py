@@ -110,7 +110,11 @@ def test_encoder_eval_scores_nli_by_the_head(tiny_bert: Path, nli_dir: Path, tmp
     for entry in heads.values():
         assert len(entry["fold_accs"]) == 5 and 0.0 <= entry["acc"] <= 1.0
         assert entry["acc"] == pytest.approx(np.mean(entry["fold_accs"]), abs=1e-9)  # 30 pairs: equal folds
-    assert "rte_head acc (5-fold head)" in (tmp_path / "r.md").read_text()
+    markdown = (tmp_path / "r.md").read_text()
+    assert "rte_head acc (5-fold head)" in markdown
+    settings_line = next(line for line in markdown.splitlines() if line.startswith("- ") and "seeds" in line)
+    assert "NLI head 5-fold CV (seed 0)" in settings_line
+    assert "seq len" not in settings_line and "num_fewshot" not in settings_line  # no next-token settings
     code, output = _eval(str(tiny_bert), "--tasks", "snli", "--limit", "20", "--data-dir", str(nli_dir),
                          "--json", str(out))  # fmt: skip
     doc = rep.load_json(out)

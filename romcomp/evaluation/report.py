@@ -278,12 +278,25 @@ def _fewshot(settings: dict[str, Any]) -> str:
     return f"lm-eval tasks num_fewshot {shots.get('zeroshot', 0)}, MMLU num_fewshot {shots.get('mmlu', 5)}"
 
 
+def _knobs(settings: dict[str, Any]) -> list[str]:
+    """The settings that changed this run's numbers: the window length only where perplexity ran, the
+    harness's batch size and shots only where it ran, the head's protocol only where a head ran (an
+    encoder's report has no next-token settings). Reports without the task lists show everything."""
+    s = settings
+    knobs = [f"seq len {s.get('seq_len')}"] if s.get("ppl_tasks", True) else []
+    knobs += [f"threads {s.get('threads')}", f"dtype {s.get('dtype')}"]
+    if s.get("zeroshot_tasks", True) or "mmlu" in s.get("tasks", []):
+        knobs += [f"batch size {s.get('batch_size')}", _fewshot(s)]
+    if s.get("nli_head"):
+        h = s["nli_head"]
+        knobs.append(f"NLI head {h.get('folds')}-fold CV (seed {h.get('seed')}) on {h.get('features')}")
+    return [*knobs, f"seeds {s.get('seeds')}"]
+
+
 def _settings_lines(report: dict[str, Any]) -> list[str]:
     s, v = report["settings"], report["versions"]
     lines = [
-        f"- seq len {s.get('seq_len')}, threads {s.get('threads')}, dtype {s.get('dtype')}, "
-        f"batch size {s.get('batch_size')}, {_fewshot(s)}, "
-        f"seeds {s.get('seeds')}",
+        "- " + ", ".join(_knobs(s)),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
     ]
     for model in report["models"]:
