@@ -58,6 +58,32 @@ def test_several_ratios_equal_separate_runs_bit_for_bit(tiny4, tmp_path, calib_t
     assert err[0] < err[1]  # more removed, further from the dense model
 
 
+@pytest.mark.parametrize("method", ["svd-llm", "rom"])
+def test_ratios_on_the_dense_stream_share_statistics_bit_for_bit(
+    tiny4, tmp_path, calib_text, method, monkeypatch
+):
+    """Local fit on the dense stream in one stage (SVD-LLM's own setting): every ratio's linears see the
+    same inputs, so one forward and one set of statistics serve both ratios (and SVD-LLM's inverse and
+    SVD are computed once per linear) — and the outputs are the bytes of two separate runs."""
+    import romcomp.engine as engine_mod
+
+    cfg = {"model": str(tiny4), "calib": str(calib_text), "method": method, "allocation": "uniform",
+           "fit": "local", "calib_stream": "dense", "sequential": False, **SMALL}  # fmt: skip
+    forwards = []
+    real_forward = engine_mod.Engine.forward
+    monkeypatch.setattr(
+        engine_mod.Engine, "forward", lambda self, *a: forwards.append(a[0]) or real_forward(self, *a)
+    )
+    many = run_many(CompressConfig(ratio=(0.2, 0.4), out=tmp_path / "many", **cfg))
+    n_blocks = AutoModelForCausalLM.from_pretrained(tiny4).config.num_hidden_layers
+    assert sorted(forwards) == list(range(n_blocks))  # one forward per block, not one per ratio
+    for result in many:
+        single = run(CompressConfig(ratio=result.ratio, out=tmp_path / f"one-{result.ratio}", **cfg))
+        assert single.ranks == result.ranks
+        assert shards(result.out) == shards(single.out)
+    assert shards(many[0].out) != shards(many[1].out)
+
+
 def test_error_aware_full_rank_reproduces_the_model(tiny4, tmp_path, calib_text):
     """Full rank everywhere: the compressed stream equals the dense one, so the fit is exact."""
     model = AutoModelForCausalLM.from_pretrained(tiny4)

@@ -32,18 +32,40 @@ def whitening_factor(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
         return torch.linalg.cholesky(raw), [note]
 
 
-def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
-    """Rank-``rank`` SVD-LLM factors of one linear layer (float32 SVD of ``W S``, as the official code)."""
+def whitening_inverse(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
+    """``S⁻¹`` as the official code forms it (float64 ``inv``, ``+10⁻⁶·I`` if singular), cast to float32;
+    shared by the linears of one input (q/k/v, gate/up) and, in a multi-ratio run on the dense stream, by
+    every ratio (the 8960-wide ``down_proj`` inverse of Qwen2.5-1.5B is the costliest step per linear)."""
     root, notes = stats.memo("svd-llm-root", lambda: whitening_factor(stats))
     try:
         inverse = torch.linalg.inv(root)
     except torch.linalg.LinAlgError:
         inverse = torch.linalg.inv(root + 1e-6 * torch.eye(root.shape[0], dtype=root.dtype))
         notes = [*notes, "whitening factor singular: added 1e-06·I before inverting it (as SVD-LLM)"]
+    return inverse.float(), notes
+
+
+def whitened_svd(weight: torch.Tensor, stats: InputStats) -> tuple[torch.Tensor, ...]:
+    """The float32 SVD of ``W S``; rank-independent, so the last one is kept for the next call with the
+    same weight tensor (the engine passes one dense weight to every ratio of a shared-statistics run).
+    A different weight replaces it, freeing the old factors first: at most one SVD is ever held."""
+    held = stats.derived.get("svd-llm-svd")
+    if held is not None and held[0] is weight:
+        return held[1:]
+    stats.derived.pop("svd-llm-svd", None)
+    root, _ = stats.memo("svd-llm-root", lambda: whitening_factor(stats))
     u, s, vh = torch.linalg.svd(weight.float() @ root.float(), full_matrices=False)
+    stats.derived["svd-llm-svd"] = (weight, u, s, vh)
+    return u, s, vh
+
+
+def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
+    """Rank-``rank`` SVD-LLM factors of one linear layer (float32 SVD of ``W S``, as the official code)."""
+    inverse, notes = stats.memo("svd-llm-inverse", lambda: whitening_inverse(stats))
+    u, s, vh = whitened_svd(weight, stats)
     sqrt = s[:rank].sqrt()
     return Factors(
-        down=(sqrt[:, None] * (vh[:rank] @ inverse.float())).contiguous(),
+        down=(sqrt[:, None] * (vh[:rank] @ inverse)).contiguous(),
         up=(u[:, :rank] * sqrt[None, :]).contiguous(),
         bias=None if bias is None else bias.float().clone(),
         notes=list(notes),
