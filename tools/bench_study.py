@@ -140,12 +140,39 @@ def outputs(args: argparse.Namespace, name: str, ratios: list[float], log: Path)
     }
 
 
+def combine(files: list[Path], out_dir: Path) -> None:
+    """One table and plot from several studies of the same model (their dense rows must agree: the same
+    probes and evaluation); the first file's row wins where two share a configuration and ratio."""
+    rows: dict[tuple[str, float], dict] = {}
+    for path in files:
+        for row in json.loads(path.read_text())["rows"]:
+            rows.setdefault((row["config"], row["ratio"]), row)
+    dense = [json.loads(p.read_text())["rows"][0] for p in files]
+    if any(d["mean_selectivity"] != dense[0]["mean_selectivity"] for d in dense):
+        raise SystemExit("the studies' dense rows differ: not the same model, probes or evaluation")
+    ordered = list(rows.values())  # markdown() sorts by ratio and configuration
+    print(markdown(ordered, list(ordered[0]["selectivity"])))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(ordered, out_dir / "study.png")
+    (out_dir / "study.json").write_text(
+        json.dumps({"combined": [str(p) for p in files], "rows": ordered}, indent=1)
+    )
+    print(f"\nplot: {out_dir / 'study.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench_targeted.add_run_arguments(parser, CONFIGS)
     parser.add_argument("--reuse", default="", help="comma list of bench_methods.py output directories")
     parser.add_argument("--layer-step", type=int, default=1, help="probe every N-th layer (and the last)")
+    parser.add_argument(
+        "--combine", default="", help="comma list of earlier study.json files (other ratios): one table and "
+        "plot of their rows in --out-dir; nothing is run",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.combine:
+        combine([Path(p) for p in args.combine.split(",") if p], args.out_dir)
+        return
     log, ratios, start = bench_targeted.prepare_run(args, CONFIGS)
     from transformers import AutoConfig
 
