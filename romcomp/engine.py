@@ -220,10 +220,11 @@ class Engine:
             if not filled:
                 self.forward(index, base, dense_source, dense_sink)
         elif self._shares_statistics(variants):
-            notes = self._fit_local_shared(index, blocks, variants, times)
+            notes = self._fit_local(index, blocks, variants, times)
             t0 = time.perf_counter()
         else:
-            notes = [self._fit_local(index, b, v, times) for b, v in zip(blocks, variants, strict=True)]
+            pairs = zip(blocks, variants, strict=True)
+            notes = [self._fit_local(index, [b], [v], times)[0] for b, v in pairs]
             t0 = time.perf_counter()
         for block, v in zip(blocks, variants, strict=True):
             if self.fit == "error-aware" or self.calib_stream == "compressed":
@@ -299,77 +300,51 @@ class Engine:
                     if module is dense and dense_sink is not None:
                         self._emit(out, dense_sink, start, stop)
 
-    def _fit_local(self, index: int, block: nn.Module, variant: Variant, times: BlockTimes) -> list[str]:
+    def _fit_local(
+        self, index: int, blocks: list[nn.Module], variants: Sequence[Variant], times: BlockTimes
+    ) -> list[list[str]]:
         """Each linear is fitted to its own outputs on the inputs it sees (the compressed stream's, or the
-        dense model's with ``calib_stream='dense'``, whose outputs then go to the sink right away)."""
-        notes: list[str] = []
+        dense model's with ``calib_stream='dense'``, whose outputs then go to the sinks right away).
+
+        One ratio per call, unless the ratios share their statistics (:meth:`_shares_statistics`): then
+        one forward of the dense ``blocks[0]`` fills every ratio's stream and collects one set of
+        statistics, and each dense weight is decomposed at every ratio's rank, so a method's
+        rank-independent work (SVD-LLM's inverse and SVD) is done once — bit-identical to fitting each
+        ratio alone (same inputs, same arithmetic), half the time for two ratios."""
+        notes: list[list[str]] = [[] for _ in variants]
         prefix = self.arch.block_prefix(index)
-        ranks = variant.ranks
         for n_stage, stage in enumerate(self.stages()):
             t0 = time.perf_counter()
             dense_outputs = self.calib_stream == "dense" and n_stage == 0
-            by_output = [g for g in stage if self._output_stats_cheaper(block, g)]
+            by_output = [g for g in stage if self._output_stats_cheaper(blocks[0], g)]
             by_input = [g for g in stage if g not in by_output]
             with (
-                collect_input_stats(block, by_input) as stats,
-                collect_output_stats(block, [g[0] for g in by_output]) as out_stats,
+                collect_input_stats(blocks[0], by_input) as stats,
+                collect_output_stats(blocks[0], [g[0] for g in by_output]) as out_stats,
             ):
-                self.forward(index, block, variant.source, variant.sink if dense_outputs else None)
+                sinks = Tee([v.sink for v in variants]) if dense_outputs else None
+                self.forward(index, blocks[0], variants[0].source, sinks)
             times.forward += time.perf_counter() - t0
             t0 = time.perf_counter()
             for group in stage:
                 for name in group:
-                    full = prefix + name
-                    if full in ranks and group in by_output:
-                        notes += self._swap(block, name, full, out_stats[name], self.output_method, ranks)
-                    elif full in ranks:
-                        notes += self._swap(block, name, full, stats[group[0]], self.method, ranks)
-                if group[0] in stats:  # the group's whitening root is no longer needed
+                    source, full = blocks[0].get_submodule(name), prefix + name
+                    by, method = (out_stats[name], self.output_method) if group in by_output else (
+                        stats[group[0]], self.method)  # fmt: skip
+                    for j, (block, v) in enumerate(zip(blocks, variants, strict=True)):
+                        if full in v.ranks:
+                            notes[j] += self._swap(block, name, full, by, method, v.ranks, source=source)
+                if group[0] in stats:  # the group's whitening root (SVD-LLM: inverse, SVD) is done with
                     stats[group[0]].derived.clear()
             del stats, out_stats  # covariances are not needed by the compressed forward below
             times.decompose += time.perf_counter() - t0
-        return notes + self._fit_experts(index, block, variant, times)
+        pairs = zip(notes, blocks, variants, strict=True)
+        return [n + self._fit_experts(index, b, v, times) for n, b, v in pairs]
 
     def _shares_statistics(self, variants: Sequence[Variant]) -> bool:
         """Whether every ratio's linears see the same inputs: the dense stream in one stage (each ratio's
         stream is then the dense model's, the same bytes), so statistics can be collected once."""
         return len(variants) > 1 and self.calib_stream == "dense" and len(self.stages()) == 1
-
-    def _fit_local_shared(
-        self, index: int, blocks: list[nn.Module], variants: Sequence[Variant], times: BlockTimes
-    ) -> list[list[str]]:
-        """:meth:`_fit_local` for every ratio at once when :meth:`_shares_statistics`: one forward of the
-        dense block fills every ratio's stream and collects one set of statistics; each linear's dense
-        weight is then decomposed at every ratio's rank, so a method's rank-independent work (SVD-LLM's
-        inverse and SVD) is done once. Bit-identical to fitting each ratio alone (same inputs, same
-        arithmetic), and half the forward and decomposition time for two ratios."""
-        prefix, stage = self.arch.block_prefix(index), self.stages()[0]
-        t0 = time.perf_counter()
-        by_output = [g for g in stage if self._output_stats_cheaper(blocks[0], g)]
-        by_input = [g for g in stage if g not in by_output]
-        with (
-            collect_input_stats(blocks[0], by_input) as stats,
-            collect_output_stats(blocks[0], [g[0] for g in by_output]) as out_stats,
-        ):
-            self.forward(index, blocks[0], variants[0].source, Tee([v.sink for v in variants]))
-        times.forward += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        notes: list[list[str]] = [[] for _ in variants]
-        for group in stage:
-            for name in group:
-                dense, full = blocks[0].get_submodule(name), prefix + name
-                by, method = (out_stats[name], self.output_method) if group in by_output else (
-                    stats[group[0]], self.method)  # fmt: skip
-                for j, (block, v) in enumerate(zip(blocks, variants, strict=True)):
-                    if full in v.ranks:
-                        notes[j] += self._swap(block, name, full, by, method, v.ranks, source=dense)
-            if group[0] in stats:  # the group's whitening root (and SVD-LLM's inverse, SVD) is done with
-                stats[group[0]].derived.clear()
-        del stats, out_stats
-        times.decompose += time.perf_counter() - t0
-        return [
-            n + self._fit_experts(index, b, v, times) for n, b, v in zip(notes, blocks, variants, strict=True)
-        ]
 
     def _fit_experts(self, index: int, block: nn.Module, variant: Variant, times: BlockTimes) -> list[str]:
         """The block's fused MoE expert projections, after its linears: per-expert statistics over the
@@ -418,7 +393,7 @@ class Engine:
         source: nn.Module | None = None,
     ) -> list[str]:
         """Replace linear ``name`` of ``block`` by its factors; ``source``: the dense linear to factor, when
-        another block's copy of it (the same tensor for every ratio, see :meth:`_fit_local_shared`)."""
+        another block's copy of it (the same tensor for every ratio, see :meth:`_fit_local`)."""
         linear = block.get_submodule(name) if source is None else source
         if self.gradients is not None:  # a gradient method (FWSVD): the loss's sensitivities, not moments
             grad = self.gradients.get(f"{full}.grad")

@@ -143,13 +143,13 @@ def outputs(args: argparse.Namespace, name: str, ratios: list[float], log: Path)
 def combine(files: list[Path], out_dir: Path) -> None:
     """One table and plot from several studies of the same model (their dense rows must agree: the same
     probes and evaluation); the first file's row wins where two share a configuration and ratio."""
-    rows: dict[tuple[str, float], dict] = {}
-    for path in files:
-        for row in json.loads(path.read_text())["rows"]:
-            rows.setdefault((row["config"], row["ratio"]), row)
-    dense = [json.loads(p.read_text())["rows"][0] for p in files]
-    if any(d["mean_selectivity"] != dense[0]["mean_selectivity"] for d in dense):
+    studies = [json.loads(path.read_text())["rows"] for path in files]
+    if any(study[0]["mean_selectivity"] != studies[0][0]["mean_selectivity"] for study in studies):
         raise SystemExit("the studies' dense rows differ: not the same model, probes or evaluation")
+    rows: dict[tuple[str, float], dict] = {}
+    for study in studies:
+        for row in study:
+            rows.setdefault((row["config"], row["ratio"]), row)
     ordered = list(rows.values())  # markdown() sorts by ratio and configuration
     print(markdown(ordered, list(ordered[0]["selectivity"])))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,16 @@ def whitening_factor(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
         return torch.linalg.cholesky(raw), [note]
 
 
+def _root(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
+    """:func:`whitening_factor`, once per input (shared by the linears that read it)."""
+    return stats.memo("svd-llm-root", lambda: whitening_factor(stats))
+
+
 def whitening_inverse(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
     """``S⁻¹`` as the official code forms it (float64 ``inv``, ``+10⁻⁶·I`` if singular), cast to float32;
     shared by the linears of one input (q/k/v, gate/up) and, in a multi-ratio run on the dense stream, by
     every ratio (the 8960-wide ``down_proj`` inverse of Qwen2.5-1.5B is the costliest step per linear)."""
-    root, notes = stats.memo("svd-llm-root", lambda: whitening_factor(stats))
+    root, notes = _root(stats)
     try:
         inverse = torch.linalg.inv(root)
     except torch.linalg.LinAlgError:
@@ -53,7 +58,7 @@ def whitened_svd(weight: torch.Tensor, stats: InputStats) -> tuple[torch.Tensor,
     if held is not None and held[0] is weight:
         return held[1:]
     stats.derived.pop("svd-llm-svd", None)
-    root, _ = stats.memo("svd-llm-root", lambda: whitening_factor(stats))
+    root, _ = _root(stats)
     u, s, vh = torch.linalg.svd(weight.float() @ root.float(), full_matrices=False)
     stats.derived["svd-llm-svd"] = (weight, u, s, vh)
     return u, s, vh
