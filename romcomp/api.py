@@ -13,17 +13,15 @@ from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoTokenizer
 
 from romcomp import __version__
-from romcomp.allocation import allocate_asvd, allocate_auto, allocate_last_n, allocate_v2
-from romcomp.archs import ArchSpec
-from romcomp.checkpoint import LazyCheckpoint
-from romcomp.config import CompressConfig
-from romcomp.discovery import discover, text_config
-from romcomp.engine import BlockTimes, Engine, Target, build_shell, is_encoder, stream_blocks
+from romcomp.compress.allocation import allocate_asvd, allocate_auto, allocate_last_n, allocate_v2
+from romcomp.compress.config import CompressConfig
+from romcomp.compress.engine import BlockTimes, Engine, Target, build_shell, is_encoder, stream_blocks
+from romcomp.compress.experts import projection_shape
+from romcomp.compress.gradients import gradient_pass
+from romcomp.compress.memory import MemoryPlan, ModelDims, peak_rss, plan
+from romcomp.compress.output import Manifest, OutputDir, args_hash, check_out_dir
+from romcomp.compress.ranks import LinearShape, allocate_uniform, linear_params
 from romcomp.errors import BadInputError
-from romcomp.experts import projection_shape
-from romcomp.gradients import gradient_pass
-from romcomp.layout import as_model_names
-from romcomp.memory import MemoryPlan, ModelDims, peak_rss, plan
 from romcomp.methods import (
     CROSS_METHODS,
     FULL_GRADIENT_METHODS,
@@ -31,8 +29,10 @@ from romcomp.methods import (
     get_method,
     get_output_method,
 )
-from romcomp.output import Manifest, OutputDir, args_hash, check_out_dir
-from romcomp.ranks import LinearShape, allocate_uniform, linear_params
+from romcomp.model.archs import ArchSpec
+from romcomp.model.checkpoint import LazyCheckpoint
+from romcomp.model.discovery import discover, text_config
+from romcomp.model.layout import as_model_names
 
 
 @dataclass
@@ -167,7 +167,7 @@ def prepare(cfg: CompressConfig, budget: int | None, streams: int = 1) -> Prepar
     """Resolve, verify and plan a run of ``cfg`` (compression or analysis) with ``streams`` activation
     streams; a bad input is refused here, before calibration."""
     from calib import calibration_tokens_description, calibration_windows, load_calibration
-    from romcomp.sources import resolve_model
+    from romcomp.model.sources import resolve_model
 
     calib = load_calibration(cfg.calib, cfg.data_dir)
     source = resolve_model(cfg.model)
@@ -328,7 +328,7 @@ def _data_driven_ranks(cfg: CompressConfig, targets: list[Target], engine: Engin
     """Ranks from the dense pre-pass's spectra (``auto``, ``v2``) or sensitivities (``asvd``), one pre-pass
     for every ratio, fixed in
     each manifest once chosen: a resumed run reuses them (and the cached spectra) instead of profiling."""
-    from romcomp.profile import profile
+    from romcomp.compress.profile import profile
 
     t0 = time.perf_counter()
     asvd = cfg.allocation == "asvd"

@@ -189,7 +189,7 @@ def romcomp_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
-    from romcomp.sources import resolve_model
+    from romcomp.model.sources import resolve_model
 
     try:
         return resolve_model("smollm2-135m").path

@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from romcomp.analysis import effective_rank, energy_kept, energy_rank, spectrum_summary, weight_statistics
+from romcomp.studies.analyze import (
+    effective_rank,
+    energy_kept,
+    energy_rank,
+    spectrum_summary,
+    weight_statistics,
+)
 from tests.conftest import make_tiny_model, romcomp_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +89,7 @@ def test_report_json_spectra_and_plots_round_trip(analyzed) -> None:
 def test_feature_spectra_and_auto_ranks_are_the_allocators(analyzed, tmp_path) -> None:
     """``romcomp compress --allocation auto`` on the same calibration caches bit-identical spectra and
     chooses exactly the ranks the analysis reports for ``auto``; a rerun with other arguments is refused."""
-    from romcomp.profile import load_spectra
+    from romcomp.compress.profile import load_spectra
 
     src, out, common = analyzed
     comp = tmp_path / "comp"

@@ -13,8 +13,8 @@ from transformers import AutoModel
 
 import romcomp
 from romcomp.api import run
-from romcomp.config import CompressConfig
-from romcomp.discovery import discover
+from romcomp.compress.config import CompressConfig
+from romcomp.model.discovery import discover
 from tests.families import make_bert
 
 SMALL = {"n_samples": 8, "seq_len": 32, "progress": False, "threads": 1}

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import romcomp
 from romcomp.api import run
-from romcomp.config import CompressConfig
+from romcomp.compress.config import CompressConfig
 from romcomp.errors import BadInputError, RomcompError
 
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
@@ -102,7 +102,7 @@ def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, calib, mo
     # uniform ranks: no dense pre-pass, so free_block counts main-pass blocks (kill tests cover the default)
     cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, allocation="uniform", **SMALL)
     run(CompressConfig(out=tmp_path / "a", **cfg))
-    from romcomp.engine import Engine
+    from romcomp.compress.engine import Engine
 
     original, calls = Engine.free_block, []
 
@@ -150,7 +150,7 @@ def test_source_change_refuses_resume(tmp_path, calib, monkeypatch):
 
     src = make_tiny_model(tmp_path / "src", "llama")
     out = tmp_path / "out"
-    from romcomp.engine import Engine
+    from romcomp.compress.engine import Engine
 
     monkeypatch.setattr(Engine, "free_block", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -164,7 +164,7 @@ def test_source_change_refuses_resume(tmp_path, calib, monkeypatch):
 def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, calib, monkeypatch):
     """The disk-spilling plan computes exactly what the in-RAM plan computes."""
     import romcomp.api as api
-    from romcomp import memory
+    from romcomp.compress import memory
 
     cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, **SMALL)
     run(CompressConfig(out=tmp_path / "ram", **cfg))
@@ -184,7 +184,7 @@ def test_disk_full_while_writing_a_block_loses_nothing(tiny_llama, tmp_path, cal
     """ENOSPC in the middle of a shard write: clear OSError, the block is not recorded, the run resumes."""
     import errno
 
-    import romcomp.checkpoint as checkpoint
+    import romcomp.model.checkpoint as checkpoint
 
     cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, allocation="uniform", **SMALL)  # no pre-pass
     run(CompressConfig(out=tmp_path / "a", **cfg))

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
+from romcomp.cli.evaluate import Tasks, parse_tasks, plan, register
 from romcomp.errors import BadInputError
 from romcomp.evaluation import report as rep
-from romcomp.evaluation.cli import Tasks, parse_tasks, plan, register
 from romcomp.evaluation.efficiency import SpeedSettings
 from romcomp.evaluation.ppl import C4_CALIB_DOCS, c4_heldout_ids, c4_heldout_texts, run_ppl
 from romcomp.evaluation.zeroshot import TASK_FILES
@@ -292,7 +292,7 @@ def test_parse_tasks_groups_and_names() -> None:
 def test_bad_input_is_refused_before_loading(
     models: list[str], tasks: str, kwargs: dict[str, Any], match: str, data_dir: Path, monkeypatch
 ) -> None:
-    import romcomp.evaluation.cli as ecli
+    import romcomp.cli.evaluate as ecli
 
     monkeypatch.setattr(ecli, "load_model", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(BadInputError, match=match):
@@ -436,13 +436,13 @@ def test_mmlu_data_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_speed_and_memory_measurements(tiny: tuple[Any, Any], tiny_llama: Path) -> None:
+    from romcomp.compress.memory import peak_rss as peak_rss_bytes
     from romcomp.evaluation.efficiency import (
         SpeedSettings,
         measure_speed,
         reset_peak_rss,
         weight_bytes_on_disk,
     )
-    from romcomp.memory import peak_rss as peak_rss_bytes
 
     model, _ = tiny
     settings = SpeedSettings(prefill_len=4096, decode_prompt_len=16, decode_tokens=4, repeats=1)

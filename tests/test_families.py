@@ -19,13 +19,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import romcomp
-from romcomp.activations import Boundary
 from romcomp.api import block_shapes, run
-from romcomp.checkpoint import LazyCheckpoint
-from romcomp.config import CompressConfig
-from romcomp.discovery import discover
-from romcomp.engine import Engine, build_shell
+from romcomp.compress.activations import Boundary
+from romcomp.compress.config import CompressConfig
+from romcomp.compress.engine import Engine, build_shell
 from romcomp.methods import get_method
+from romcomp.model.checkpoint import LazyCheckpoint
+from romcomp.model.discovery import discover
 from tests.conftest import make_tokenizer, romcomp_cli
 from tests.families import FAMILIES, HIDDEN, make_family_model, tiny_config
 

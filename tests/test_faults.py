@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from romcomp.api import run
-from romcomp.config import CompressConfig
+from romcomp.compress.config import CompressConfig
 from romcomp.errors import RomcompError
 
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
@@ -135,7 +135,7 @@ def test_second_run_while_the_first_is_writing_is_refused(
 ) -> None:
     """While a run is between blocks, the same command from a second process exits with the lock error
     and writes nothing; the first run then finishes normally."""
-    from romcomp.engine import Engine
+    from romcomp.compress.engine import Engine
     from tests.conftest import romcomp_cli
 
     out = tmp_path / "out"
@@ -189,7 +189,7 @@ def test_degenerate_covariances_give_finite_factors_and_manifest_notes(
 
 def test_streamed_shard_equals_save_file(tmp_path: Path) -> None:
     """The tensor-by-tensor writer of the top-level shard gives a file safetensors reads back exactly."""
-    from romcomp.checkpoint import atomic_stream_safetensors
+    from romcomp.model.checkpoint import atomic_stream_safetensors
 
     tensors = {"b.weight": torch.randn(7, 5), "a.weight": torch.randn(3).to(torch.bfloat16),
                "c.bias": torch.randn(2, 3, 4).half()}  # fmt: skip

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from romcomp import gguf_convert
 from romcomp.api import run
-from romcomp.config import CompressConfig
-from romcomp.sources import resolve_model
+from romcomp.compress.config import CompressConfig
+from romcomp.model import gguf as gguf_convert
+from romcomp.model.sources import resolve_model
 from tests.families import tiny_config
 from tests.gguf_writer import GGUF_READABLE, write_gguf
 

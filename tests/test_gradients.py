@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import romcomp.gradients as gradients
-from romcomp.checkpoint import LazyCheckpoint
-from romcomp.discovery import discover
-from romcomp.engine import Engine, build_shell
+import romcomp.compress.gradients as gradients
+from romcomp.compress.engine import Engine, build_shell
 from romcomp.methods import get_method
+from romcomp.model.checkpoint import LazyCheckpoint
+from romcomp.model.discovery import discover
 from tests.conftest import make_tiny_model, romcomp_cli
 
 WINDOWS, TOKENS = 3, 24

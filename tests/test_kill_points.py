@@ -30,7 +30,7 @@ def counting(fn):
         return fn(*a, **k)
     return wrapper
 
-import romcomp.methods as methods, romcomp.profile as profile, romcomp.stats as stats
+import romcomp.methods as methods, romcomp.compress.profile as profile, romcomp.compress.stats as stats
 if point == "calibration":
     stats.accumulate = counting(stats.accumulate)
 elif point == "decomposition":  # the default error-aware fit (and local ROM, for other options)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from romcomp.compress.stats import accumulate
 from romcomp.methods import METHODS, GradStats, InputStats, asvd, fwsvd, lpaf, rom, svd, svd_llm
-from romcomp.stats import accumulate
 
 D_IN, D_OUT, RANK = 48, 40, 12
 

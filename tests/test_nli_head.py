@@ -11,8 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from romcomp.cli.evaluate import register
 from romcomp.evaluation import report as rep
-from romcomp.evaluation.cli import register
 from romcomp.evaluation.nli_head import cross_validated_accuracy, load_pairs, stratified_folds
 from tests.conftest import romcomp_cli
 from tests.families import make_bert

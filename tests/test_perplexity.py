@@ -17,10 +17,10 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-import romcomp.perplexity as pp
+import romcomp.evaluation.perplexity as pp
 from calib.datasets import hf_wikitext_rows
 from romcomp.errors import BadInputError, RomcompError
-from romcomp.perplexity import PerplexityResult, perplexity, ptb_test_ids, wikitext2_test_ids
+from romcomp.evaluation.perplexity import PerplexityResult, perplexity, ptb_test_ids, wikitext2_test_ids
 from tests.conftest import REAL_DATA, byte_tokenizer, needs_real_data
 
 _SMALL = dict(
@@ -163,7 +163,7 @@ def test_missing_eval_data_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[torch.nn.Module, object]:
-    sources = pytest.importorskip("romcomp.sources")
+    sources = pytest.importorskip("romcomp.model.sources")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -90,7 +90,7 @@ def test_perplexity_stays_within_bound(compressed, smol_dir):
     Uniform ROM at 0.2 with so little off-domain calibration hurts a 135M model badly (the issue's reference:
     ~205 on 40 windows with 32 x 512 C4 tokens); the bound catches a broken pipeline (ppl in the thousands)
     while leaving room for platform rounding."""
-    from romcomp.quality import before_after
+    from romcomp.evaluation.quality import before_after
 
     out, _ = compressed
     ba = before_after(smol_dir, out, windows=10)

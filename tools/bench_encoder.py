@@ -65,7 +65,7 @@ def embedding_cosines(dense_spec: str, out: Path, data_dir: Path) -> dict[str, t
     from transformers import AutoModel, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp quantization method
-    from romcomp.sources import resolve_model
+    from romcomp.model.sources import resolve_model
 
     dense_dir = resolve_model(dense_spec).path
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)

@@ -59,8 +59,8 @@ def check_family(family: str, root: Path, calib: Path) -> dict[str, str]:
 
     import romcomp  # noqa: F401 - registers the romcomp quantization method
     from romcomp.api import block_shapes, run
-    from romcomp.config import CompressConfig
-    from romcomp.discovery import discover
+    from romcomp.compress.config import CompressConfig
+    from romcomp.model.discovery import discover
     from tests.families import make_bert, make_family_model
 
     small = {

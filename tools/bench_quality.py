@@ -82,8 +82,8 @@ def evaluate(args: argparse.Namespace, outs: list[str], log: Path) -> dict[str, 
 
 
 def table(doc: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
+    from romcomp.compress.memory import fmt_bytes
     from romcomp.evaluation.report import seven_task_acc
-    from romcomp.memory import fmt_bytes
 
     head = ["model", "ratio", "params", "WikiText-2", "PTB", "C4", "7-task acc", "MMLU", "decode tok/s b1",
             "decode tok/s b8", "compress s", "compress peak RSS"]  # fmt: skip

@@ -67,7 +67,7 @@ def child_compress(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from romcomp.api import run
-    from romcomp.config import CompressConfig
+    from romcomp.compress.config import CompressConfig
 
     cfg = CompressConfig(
         model=args.model, ratio=args.one, out=Path(args.out), calib=args.calib, n_samples=args.n_samples,
@@ -107,9 +107,9 @@ def child_ppl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from romcomp.perplexity import wikitext2_test_ids
-    from romcomp.quality import model_ppl
-    from romcomp.sources import resolve_model
+    from romcomp.evaluation.perplexity import wikitext2_test_ids
+    from romcomp.evaluation.quality import model_ppl
+    from romcomp.model.sources import resolve_model
 
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # keep the benchmark log readable

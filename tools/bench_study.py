@@ -48,7 +48,7 @@ def table(
     probe: dict[str, Any], nli: dict[str, Any] | None, where: dict[str, tuple[str, float]]
 ) -> list[dict]:
     from romcomp.evaluation.report import winogender_gap
-    from romcomp.probing.run import best
+    from romcomp.studies.probing.run import best
 
     scores = {}
     if nli:
@@ -176,8 +176,8 @@ def main() -> None:
     log, ratios, start = bench_targeted.prepare_run(args, CONFIGS)
     from transformers import AutoConfig
 
-    from romcomp.engine import is_encoder
-    from romcomp.sources import resolve_model
+    from romcomp.compress.engine import is_encoder
+    from romcomp.model.sources import resolve_model
 
     runs = [outputs(args, name, ratios, log) for name in args.configs.split(",")]
     outs = [o for r in runs for o in r["outs"].values()]

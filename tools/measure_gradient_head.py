@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from romcomp.activations import Boundary  # noqa: E402
 from romcomp.api import prepare  # noqa: E402
-from romcomp.config import CompressConfig  # noqa: E402
-from romcomp.discovery import text_config  # noqa: E402
-from romcomp.engine import Engine  # noqa: E402
-from romcomp.gradients import head_gradient  # noqa: E402
-from romcomp.memory import fmt_bytes, peak_rss  # noqa: E402
+from romcomp.compress.activations import Boundary  # noqa: E402
+from romcomp.compress.config import CompressConfig  # noqa: E402
+from romcomp.compress.engine import Engine  # noqa: E402
+from romcomp.compress.gradients import head_gradient  # noqa: E402
+from romcomp.compress.memory import fmt_bytes, peak_rss  # noqa: E402
 from romcomp.methods import get_method  # noqa: E402
+from romcomp.model.discovery import text_config  # noqa: E402
 
 
 def main() -> None:

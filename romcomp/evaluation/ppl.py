@@ -1,6 +1,7 @@
 """Perplexity for ``romcomp eval``: WikiText-2 test, PTB test and a C4 split held out from calibration.
 
-All three use :func:`romcomp.perplexity.perplexity` (non-overlapping windows, chunked LM head, so the
+All three use
+:func:`romcomp.evaluation.perplexity.perplexity` (non-overlapping windows, chunked LM head, so the
 full-vocabulary logits never exceed one chunk). WikiText-2 and PTB follow the GPTQ / SVD-LLM protocol
 documented there.
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from calib.datasets import C4_CALIB_DOCS, C4_DOCS, resolve_data_dir
 from romcomp.errors import RomcompError
-from romcomp.perplexity import (
+from romcomp.evaluation.perplexity import (
     PTB_TEST,
     WIKITEXT2_TEST,
     _encode_eval,

@@ -3,7 +3,8 @@ knows which entries were pruned.
 
 1. **Prune**: each weight's first-order saliency ``|W ⊙ ∂L/∂W|`` (the loss change a Taylor expansion
    predicts for zeroing it; ``∂L/∂W`` summed over the calibration windows by the streamed gradient pass,
-   :mod:`romcomp.gradients`) ranks the entries of the matrix; the top ``density`` fraction is kept (mask
+   :mod:`romcomp.compress.gradients`)
+   ranks the entries of the matrix; the top ``density`` fraction is kept (mask
    ``M``), the rest are "don't care".
 2. **Sparsity-aware factorization**: the rank-k ``Ŵ`` minimizing the error on the *kept* entries only,
    ``‖M ⊙ (W − Ŵ)‖_F``, by expectation-maximization (Srebro & Jaakkola, 2003): fill the pruned entries

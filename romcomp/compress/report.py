@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from romcomp.api import CompressResult
-from romcomp.experts import STARVED
-from romcomp.memory import fmt_bytes
-from romcomp.ranks import LinearShape
+from romcomp.compress.experts import STARVED
+from romcomp.compress.memory import fmt_bytes
+from romcomp.compress.ranks import LinearShape
 
 
 def kind(s: LinearShape) -> str:

@@ -1,4 +1,4 @@
-"""Thin typer CLI over :class:`romcomp.config.CompressConfig`.
+"""Thin typer CLI over :class:`romcomp.compress.config.CompressConfig`.
 
 ``romcomp MODEL [options]`` is the compress command; other commands are subcommands (``romcomp compress``
 is the explicit spelling). A model path that collides with a subcommand name can be written ``./name``.
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from romcomp import cli_options as opt
+from romcomp.cli import options as opt
 from romcomp.errors import RomcompError
 
 app = typer.Typer(
@@ -111,8 +111,8 @@ def compress(
 ) -> None:
     """Compress MODEL by ROM, block by block, and write a directory transformers loads."""
     import romcomp
-    from romcomp.config import CompressConfig
-    from romcomp.report import summary
+    from romcomp.compress.config import CompressConfig
+    from romcomp.compress.report import summary
 
     cfg = CompressConfig(
         model=model, ratio=ratio, out=out, max_ram=max_ram, method=method, calib=calib, n_samples=n_samples,
@@ -126,7 +126,7 @@ def compress(
     for result in results:
         typer.echo(summary(result) + ("\n" if len(results) > 1 else ""))
     if ppl_windows > 0:
-        from romcomp.quality import before_after
+        from romcomp.evaluation.quality import before_after
 
         for result in results:
             ba = before_after(result.source_dir, result.out, ppl_windows, data_dir=data_dir)
@@ -137,18 +137,18 @@ def _refuse_encoder_perplexity(model: str) -> None:
     """``--ppl-windows`` scores next-token prediction: refuse an encoder before any work."""
     from transformers import AutoConfig
 
-    from romcomp.engine import is_encoder
+    from romcomp.compress.engine import is_encoder
     from romcomp.errors import BadInputError
-    from romcomp.sources import resolve_model
+    from romcomp.model.sources import resolve_model
 
     if is_encoder(AutoConfig.from_pretrained(resolve_model(model).path)):
         raise BadInputError(f"--ppl-windows measures a causal LM's perplexity; {model} is an encoder")
 
 
 def _register_subcommands() -> None:
-    from romcomp.cli_analyze import register as register_analyze
-    from romcomp.cli_probe import register as register_probe
-    from romcomp.evaluation.cli import register
+    from romcomp.cli.analyze import register as register_analyze
+    from romcomp.cli.evaluate import register
+    from romcomp.cli.probe import register as register_probe
 
     register(app)
     register_analyze(app)
@@ -188,7 +188,3 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         raise
     sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -26,16 +26,16 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModel, AutoModelForCausalLM
 
-from romcomp.activations import Boundary
-from romcomp.archs import ArchSpec
-from romcomp.checkpoint import LazyCheckpoint
-from romcomp.discovery import is_experts_module, materialized, text_config, top_level_names
+from romcomp.compress.activations import Boundary
+from romcomp.compress.experts import fit_experts
+from romcomp.compress.memory import release_heap, resident_bytes
+from romcomp.compress.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
 from romcomp.errors import RomcompError
-from romcomp.experts import fit_experts
 from romcomp.hf.modeling_romcomp import QUANT_METHOD, swap_linear
-from romcomp.memory import release_heap, resident_bytes
 from romcomp.methods import Decompose, GradStats
-from romcomp.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
+from romcomp.model.archs import ArchSpec
+from romcomp.model.checkpoint import LazyCheckpoint
+from romcomp.model.discovery import is_experts_module, materialized, text_config, top_level_names
 
 
 @dataclass
@@ -349,7 +349,7 @@ class Engine:
     def _fit_experts(self, index: int, block: nn.Module, variant: Variant, times: BlockTimes) -> list[str]:
         """The block's fused MoE expert projections, after its linears: per-expert statistics over the
         routed tokens of one more forward of the compressed block (stopped after the experts), local fit
-        (see :mod:`romcomp.experts`)."""
+        (see :mod:`romcomp.compress.experts`)."""
         if not self.arch.experts:
             return []
         clock = {"forward": 0.0}

@@ -2,7 +2,8 @@
 
 ASVD (Yuan et al., 2023) compresses one linear at a time to each candidate parameter ratio and records
 the model's perplexity on calibration windows; its rank search then spends the budget where that damage
-is smallest (:func:`romcomp.allocation.allocate_asvd`). A whole-model evaluation per (linear, candidate)
+is smallest
+(:func:`romcomp.compress.allocation.allocate_asvd`). A whole-model evaluation per (linear, candidate)
 is ``linears × candidates`` model forwards — 1,260 for SmolLM2-135M, hours on a CPU, and it needs the model
 in memory. Here the damage is measured where it happens, inside the dense pre-pass that already holds the
 block and its statistics: the linear is replaced by its rank-k output-optimal projection (ROM's local fit,
@@ -21,11 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from romcomp.activations import Boundary
-from romcomp.allocation import ASVD_CANDIDATES
-from romcomp.engine import Engine
+from romcomp.compress.activations import Boundary
+from romcomp.compress.allocation import ASVD_CANDIDATES
+from romcomp.compress.engine import Engine
+from romcomp.compress.ranks import uniform_rank
 from romcomp.methods.base import Factors
-from romcomp.ranks import uniform_rank
 
 WINDOWS = 8
 """Calibration windows each sensitivity is measured on (ASVD's official default: 32 windows of 2048

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from romcomp.checkpoint import (
+from romcomp.errors import BadInputError, RomcompError
+from romcomp.model.checkpoint import (
     LazyCheckpoint,
     atomic_save_safetensors,
     atomic_stream_safetensors,
     atomic_write_json,
     fsync_dir,
 )
-from romcomp.errors import BadInputError, RomcompError
 
 WORK = ".romcomp"
 MANIFEST = "manifest.json"

@@ -23,11 +23,11 @@ def run_probes(models: list[str], out: Path, data_dir: Path | None, tasks: list[
     import torch
 
     from calib.datasets import resolve_data_dir
+    from romcomp.compress.memory import peak_rss
     from romcomp.evaluation.plots import require_matplotlib
-    from romcomp.memory import peak_rss
-    from romcomp.probing.probe import load_probe_model, probe_layers, probed_layers, sentence_features
-    from romcomp.probing.tasks import SNLI_FILE, TASKS, build_task, control_labels, load_sentences
-    from romcomp.sources import resolve_model
+    from romcomp.model.sources import resolve_model
+    from romcomp.studies.probing.probe import load_probe_model, probe_layers, probed_layers, sentence_features
+    from romcomp.studies.probing.tasks import SNLI_FILE, TASKS, build_task, control_labels, load_sentences
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -79,7 +79,8 @@ def best(task: dict[str, Any], key: str = "selectivity") -> dict[str, Any]:
 
 def markdown(doc: dict[str, Any]) -> str:
     names = [m["name"] + (f" (r {m['ratio']:g})" if m["ratio"] else "") for m in doc["models"]]
-    lines = [f"# {TITLE}", "", f"Sentences: {doc['data']} (parse-derived tasks, romcomp/probing/tasks.py); "
+    lines = [f"# {TITLE}", "", f"Sentences: {doc['data']} "
+             "(parse-derived tasks, romcomp/studies/probing/tasks.py); "
              f"seed {doc['seed']}; logistic regression on mean-pooled hidden states, 80/20 split.", "",
              "Best layer by selectivity (task accuracy − control accuracy), per model:", "",
              "| task | classes | majority | " + " | ".join(names) + " |",

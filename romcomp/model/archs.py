@@ -1,4 +1,4 @@
-"""What the engine knows about a model's layout: found by :mod:`romcomp.discovery`, not a family table.
+"""What the engine knows about a model's layout: found by :mod:`romcomp.model.discovery`, not a family table.
 
 The engine never copies a transformers ``forward``. It only needs to know where the blocks live, which
 ``nn.Linear`` leaves inside a block share an input (so one covariance serves the whole group), which

@@ -34,12 +34,14 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from romcomp.activations import Boundary
-from romcomp.checkpoint import atomic_save_safetensors
-from romcomp.discovery import materialized, module_name, text_config, top_level_names
-from romcomp.engine import Engine, identity_block
+from romcomp.compress.activations import Boundary
+from romcomp.compress.engine import Engine, identity_block
+from romcomp.compress.memory import (
+    HEAD_CHUNK,
+)  # the head's logits: chunk × vocabulary, not window × vocabulary
 from romcomp.errors import RomcompError
-from romcomp.memory import HEAD_CHUNK  # the head's logits: chunk × vocabulary, not window × vocabulary
+from romcomp.model.checkpoint import atomic_save_safetensors
+from romcomp.model.discovery import materialized, module_name, text_config, top_level_names
 
 GRAD_DIR = "gradients"
 

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from romcomp.archs import ArchSpec
-from romcomp.checkpoint import LazyCheckpoint
+from romcomp.compress.stats import StopForward
 from romcomp.errors import BadInputError
-from romcomp.stats import StopForward
+from romcomp.model.archs import ArchSpec
+from romcomp.model.checkpoint import LazyCheckpoint
 
 OVERRIDES: dict[str, ArchSpec] = {}  # model_type -> a hand-written spec, for layouts discovery gets wrong
 TRACE_TOKENS = 8

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from romcomp.checkpoint import fsync_dir
+from romcomp.model.checkpoint import fsync_dir
 
 
 class Boundary:

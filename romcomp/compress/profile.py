@@ -20,20 +20,20 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from romcomp.activations import Boundary
-from romcomp.allocation import LinearSpectrum
-from romcomp.checkpoint import atomic_save_safetensors
-from romcomp.discovery import text_config
-from romcomp.engine import Engine
+from romcomp.compress.activations import Boundary
+from romcomp.compress.allocation import LinearSpectrum
+from romcomp.compress.engine import Engine
+from romcomp.compress.experts import expert_bias, expert_matrices, projection_shape
+from romcomp.compress.experts import narrow as experts_narrow
+from romcomp.compress.sensitivity import block_sensitivity
+from romcomp.compress.stats import collect_expert_stats, collect_input_stats, collect_output_stats
 from romcomp.errors import RomcompError
-from romcomp.experts import expert_bias, expert_matrices, projection_shape
-from romcomp.experts import narrow as experts_narrow
 from romcomp.methods import get_method, get_output_method
 from romcomp.methods.base import Factors
 from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
 from romcomp.methods.rom import augmented_weight, whitening_root
-from romcomp.sensitivity import block_sensitivity
-from romcomp.stats import collect_expert_stats, collect_input_stats, collect_output_stats
+from romcomp.model.checkpoint import atomic_save_safetensors
+from romcomp.model.discovery import text_config
 
 
 def spectra_path(work: Path, index: int) -> Path:
@@ -65,7 +65,8 @@ def profile_block(
     engine: Engine, index: int, source: Boundary, sink: Boundary | None, sensitivity: bool = False
 ) -> dict[str, torch.Tensor]:
     """Spectra and energy weights of block ``index`` on the dense stream; its outputs go to ``sink``.
-    With ``sensitivity``, also every linear's ASVD sensitivity per candidate (:mod:`romcomp.sensitivity`)."""
+    With ``sensitivity``, also every linear's ASVD sensitivity per candidate
+    (:mod:`romcomp.compress.sensitivity`)."""
     block = engine.load_block(index)
     arch = engine.arch
     narrow = [g for g in arch.groups if len(g) == 1 and _narrow(block.get_submodule(g[0]))]

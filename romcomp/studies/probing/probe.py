@@ -33,7 +33,7 @@ def load_probe_model(path: str) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp quantizer
-    from romcomp.engine import auto_class
+    from romcomp.compress.engine import auto_class
 
     model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)

@@ -4,7 +4,8 @@ The "structure analysis" study of the seeds, for the user's own model: per block
 singular values (weight space) and the spectrum of its outputs on the calibration set (feature space,
 ``W̃ Σ̃ W̃ᵀ``: what ROM truncates), their effective ranks, the energy the rank a ratio would assign keeps,
 and weight statistics. The feature spectra come from the dense pre-pass the ``auto`` allocation runs
-(:func:`romcomp.profile.profile`) — the same code and the same numbers, not a copy — so the ranks reported
+(:func:`romcomp.compress.profile.profile`)
+— the same code and the same numbers, not a copy — so the ranks reported
 for ``auto`` are the ones ``romcomp compress`` would choose on this calibration. Streamed like compression:
 one block in memory, under ``--max-ram``; the pre-pass is cached and resumes after a kill.
 """
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 
-from romcomp.allocation import LinearSpectrum, allocate_auto
-from romcomp.archs import ArchSpec
-from romcomp.config import CompressConfig
+from romcomp.compress.allocation import LinearSpectrum, allocate_auto
+from romcomp.compress.config import CompressConfig
+from romcomp.compress.ranks import LinearShape, allocate_uniform
 from romcomp.errors import BadInputError
-from romcomp.ranks import LinearShape, allocate_uniform
+from romcomp.model.archs import ArchSpec
 
 ENERGIES = (0.90, 0.95, 0.99)
 """Energy levels of the energy ranks (the smallest rank keeping that share of the squared spectrum)."""
@@ -155,13 +156,13 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
     """Stream the dense pre-pass over ``cfg``'s calibration, read every weight once, and write the
     analysis (JSON, spectra, markdown, PNGs) to ``cfg.out``; ``cfg.ratio`` is the ratio whose ranks the
     energies are reported at (one ratio)."""
-    from romcomp.analysis_report import write_report
     from romcomp.api import prepare
-    from romcomp.engine import Engine
+    from romcomp.compress.engine import Engine
+    from romcomp.compress.memory import peak_rss
+    from romcomp.compress.profile import profile
     from romcomp.evaluation.plots import require_matplotlib
-    from romcomp.memory import peak_rss
     from romcomp.methods import get_method, get_output_method
-    from romcomp.profile import profile
+    from romcomp.studies.analyze_report import write_report
 
     t0 = time.perf_counter()
     require_matplotlib()

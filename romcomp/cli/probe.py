@@ -1,4 +1,4 @@
-"""``romcomp probe MODEL [MODEL...]``: the thin CLI over :func:`romcomp.probing.run.run_probes`."""
+"""``romcomp probe MODEL [MODEL...]``: the thin CLI over :func:`romcomp.studies.probing.run.run_probes`."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def probe_command(
     """Linear probes (logistic regression) on every layer's hidden states for seven linguistic tasks, each
     with a control task: accuracy, control accuracy and selectivity per layer; probe.json, report.md and
     selectivity.png."""
-    from romcomp.memory import fmt_bytes
-    from romcomp.probing.run import best, run_probes
-    from romcomp.probing.tasks import TASKS
+    from romcomp.compress.memory import fmt_bytes
+    from romcomp.studies.probing.run import best, run_probes
+    from romcomp.studies.probing.tasks import TASKS
 
     wanted = [t.strip() for t in tasks.split(",") if t.strip()] or list(TASKS)
     doc = run_probes(models, out, data_dir, wanted, seed, threads, layer_step)

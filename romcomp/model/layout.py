@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from romcomp.checkpoint import LazyCheckpoint
 from romcomp.errors import BadInputError, RomcompError
+from romcomp.model.checkpoint import LazyCheckpoint
 
 SUPPORTED_OPS = ("MergeModulelist", "Concatenate")
 

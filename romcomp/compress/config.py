@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from romcomp.allocation import check_asvd_ratio
+from romcomp.compress.allocation import check_asvd_ratio
+from romcomp.compress.memory import parse_size
 from romcomp.errors import BadInputError
-from romcomp.memory import parse_size
 from romcomp.methods import CROSS_METHODS, get_method
 
 CALIB_STREAMS = ("compressed", "dense")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from romcomp.perplexity import PerplexityResult, perplexity, wikitext2_test_ids
+from romcomp.evaluation.perplexity import PerplexityResult, perplexity, wikitext2_test_ids
 
 
 @dataclass

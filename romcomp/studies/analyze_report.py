@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from romcomp.checkpoint import atomic_save_safetensors
-from romcomp.memory import fmt_bytes
+from romcomp.compress.memory import fmt_bytes
+from romcomp.model.checkpoint import atomic_save_safetensors
 
 PLOTS = ("heatmap.png", "spectra.png", "energy.png")
 
