@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import socket
@@ -34,10 +33,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from romcomp.errors import BadInputError, RomcompError
-from romcomp.paths import REPO_ROOT, offline
+from calib.errors import CalibError, CalibInputError
+from calib.paths import DATA_DIR_ENV, offline, resolve_data_dir
 
-DATA_DIR_ENV = "ROMCOMP_DATA_DIR"
 STREAM_JOINER = "\n\n"
 """How row-per-line corpora (WikiText, PTB) become one text: ``"\\n\\n".join(rows)``, as GPTQ/SVD-LLM do."""
 
@@ -98,21 +96,6 @@ def known_datasets() -> list[str]:
     return list(_NAMED)
 
 
-def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
-    """The data directory: ``--data-dir``, then ``$ROMCOMP_DATA_DIR``, then ``<repo>/../shared/data``.
-
-    An explicit directory is returned even when it does not exist, so that the caller's error names
-    the path the user asked for instead of silently falling back to another one.
-    """
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    env = os.environ.get(DATA_DIR_ENV, "")
-    if env:
-        return Path(env).expanduser()
-    default = REPO_ROOT.parent / "shared" / "data"
-    return default if default.is_dir() else None
-
-
 def hf_wikitext_rows(data: bytes) -> list[str]:
     """Rows exactly as the Hugging Face ``wikitext`` builder yields them from a ``wiki.*`` file.
 
@@ -133,20 +116,20 @@ def hf_ptb_rows(data: bytes) -> list[str]:
 def load_calibration(name: str, data_dir: str | Path | None = None) -> CalibSource:
     """Load a named calibration set or a user file (``.jsonl`` with ``text``, or plain text).
 
-    Raises BadInputError for test splits and unknown names, RomcompError when a named set's file is
+    Raises CalibInputError for test splits and unknown names, CalibError when a named set's file is
     missing (after a hub attempt for ``c4`` when not offline). Nothing is ever substituted silently.
     """
     if name in _NAMED:
         return _load_named(name, resolve_data_dir(data_dir))
     path = Path(name).expanduser()
     if "test" in path.name.lower():
-        raise BadInputError(
+        raise CalibInputError(
             f"refusing to calibrate on a test split ({name}): test text is for evaluation only; "
             f"use a train/validation file or one of {', '.join(known_datasets())}"
         )
     if path.is_file():
         return _load_user_file(path)
-    raise BadInputError(
+    raise CalibInputError(
         f"unknown calibration data {name!r}: not an existing file and not one of "
         f"{', '.join(known_datasets())}"
     )
@@ -161,7 +144,7 @@ def _load_named(name: str, root: Path | None) -> CalibSource:
     if isinstance(hub, CalibSource):
         return hub
     looked = str(path) if path is not None else f"<data dir>/{spec.relpath} (no data dir found)"
-    raise RomcompError(
+    raise CalibError(
         f"calibration set {name!r} not found: looked for {looked}; {hub}. "
         f"Point --data-dir or ${DATA_DIR_ENV} at a directory containing {spec.relpath}"
     )
@@ -190,7 +173,7 @@ def _load_user_file(path: Path) -> CalibSource:
     else:
         texts, kind = _blank_line_documents(_decode(data, path)), "text split on blank lines"
     if not texts:
-        raise BadInputError(f"calibration file {path} contains no text")
+        raise CalibInputError(f"calibration file {path} contains no text")
     description = f"{path} ({kind}, {len(texts)} docs, sha256 {sha[:8]}…)"
     return CalibSource(str(path), texts, description, sha)
 
@@ -199,7 +182,7 @@ def _decode(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise BadInputError(f"calibration file {path} is not UTF-8 text: {err}") from err
+        raise CalibInputError(f"calibration file {path} is not UTF-8 text: {err}") from err
 
 
 def _jsonl_texts(data: bytes, path: Path) -> list[str]:
@@ -211,9 +194,9 @@ def _jsonl_texts(data: bytes, path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise BadInputError(f"{path}:{lineno}: not valid JSON ({err})") from err
+            raise CalibInputError(f"{path}:{lineno}: not valid JSON ({err})") from err
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise BadInputError(f"{path}:{lineno}: a JSON object with a string field 'text' is required")
+            raise CalibInputError(f"{path}:{lineno}: a JSON object with a string field 'text' is required")
         if record["text"].strip():
             texts.append(record["text"])
     return texts
@@ -284,10 +267,10 @@ def calibration_windows(
     at a random offset, else pick again. Documents are tokenized lazily and each at most once. When
     the documents long enough cannot hold ``n_samples`` disjoint windows (e.g. short paragraphs), the
     documents are joined with EOS separators and windows are cut from that stream instead. Stream
-    corpora (WikiText-2, PTB) always use the stream. BadInputError when even the stream is too short.
+    corpora (WikiText-2, PTB) always use the stream. CalibInputError when even the stream is too short.
     """
     if n_samples < 1 or seq_len < 1:
-        raise BadInputError(f"n_samples and seq_len must be positive (got {n_samples}, {seq_len})")
+        raise CalibInputError(f"n_samples and seq_len must be positive (got {n_samples}, {seq_len})")
     if source.stream:
         stream = encode_plain(tokenizer, STREAM_JOINER.join(source.texts))
     else:
@@ -309,7 +292,7 @@ def _stream_windows(
 ) -> torch.LongTensor:
     capacity = len(stream) // seq_len
     if capacity < n_samples:
-        raise BadInputError(
+        raise CalibInputError(
             f"calibration data {name!r} has {len(stream)} tokens: at most {capacity} windows of {seq_len} "
             f"tokens, but {n_samples} were asked for; lower --n-samples/--seq-len or use more data"
         )

@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny random Llama/Qwen2 checkpoints (sharded safetensors + a byte-level tokenizer)."""
+"""Shared fixtures: tiny random Llama/Qwen2 checkpoints (sharded safetensors + a byte-level tokenizer).
+
+Two tiers. The fast tier, ``python -m pytest -m "not slow"``, runs every tiny-model test and needs nothing
+from ``../shared`` or the model cache. Every test on a real model (SmolLM2-135M, all-MiniLM-L6-v2,
+Qwen2.5-Coder) is marked ``@pytest.mark.slow``; ``python -m pytest`` runs both. Two guards keep it so:
+collection stops when a test that requests a real-model fixture (:data:`REAL_MODEL_FIXTURES`) is not
+marked slow, and every test not marked slow runs with an empty model cache and no package index (see
+:func:`_fast_tier_has_no_real_models`), so one that reaches for a real model another way fails.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import torch
 
 from romcomp.errors import RomcompError
 
+pytest_plugins = ["pytester"]  # tests/test_sources.py checks the tier guard below in a pytest of its own
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data"
 REAL_DATA = DATA_DIR
@@ -25,12 +35,64 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def missing_real_data(what: str) -> None:
+def missing_real_data(what: str, where: str = "") -> None:
     """A test that needs real data it cannot find: skipped locally, a FAILURE under CI (``$CI`` set)."""
-    message = f"{what} not found; the real data sets are expected in {DATA_DIR}, beside the repository"
+    where = where or f"the real data sets are expected in {DATA_DIR}, beside the repository"
+    message = f"{what} not found; {where}"
     if in_ci():
         pytest.fail(f"{message}; CI is set, so missing real data is an error, not a skip", pytrace=False)
     pytest.skip(message)
+
+
+def real_model(alias: str) -> Path:
+    """The local directory of a real model alias (fetched and converted into the cache on first use); a
+    model that cannot be had is a skip locally and a FAILURE under CI, like missing real data."""
+    from romcomp import paths
+    from romcomp.model.sources import resolve_model
+
+    try:
+        return resolve_model(alias).path
+    except RomcompError as err:
+        missing_real_data(f"real model {alias}", f"it is fetched into {paths.cache_dir()} on first use ({err})")
+        raise  # not reached: missing_real_data skips or fails
+
+
+REAL_MODEL_FIXTURES = frozenset({"smol_dir", "compressed", "smol", "smol_gguf", "smollm2"})
+"""Fixtures that load a real model (here and in the test modules): a test requesting one must be slow."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stop the session when a test that requests a real-model fixture is not marked ``slow``: it would
+    otherwise run (and download, convert, calibrate) in the fast tier. Runs before ``-m`` deselects."""
+    del config
+    unmarked = [
+        item.nodeid
+        for item in items
+        if REAL_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "real-model tests must be marked @pytest.mark.slow (they use one of "
+            f"{', '.join(sorted(REAL_MODEL_FIXTURES))}): {', '.join(unmarked)}"
+        )
+
+
+@pytest.fixture(scope="session")
+def _empty_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fast-tier-model-cache")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_has_no_real_models(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked ``slow`` sees an empty romcomp model cache and no package index, in its own process
+    and in the CLI processes it starts: resolving ``smollm2-135m`` or ``all-minilm-l6-v2`` then fails at
+    once ("not available offline") instead of quietly loading a real model in the fast tier."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("ROMCOMP_CACHE", str(request.getfixturevalue("_empty_model_cache")))
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+        monkeypatch.setenv("PIP_FIND_LINKS", str(request.getfixturevalue("_empty_model_cache")))
 
 
 @pytest.fixture(scope="session")
@@ -189,12 +251,8 @@ def romcomp_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
-    from romcomp.model.sources import resolve_model
-
-    try:
-        return resolve_model("smollm2-135m").path
-    except RomcompError as err:
-        pytest.skip(f"smollm2-135m not available: {err}")
+    """Real SmolLM2-135M (tests using it are ``slow``): skipped when it cannot be had, failed under CI."""
+    return real_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

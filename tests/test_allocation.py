@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romcomp.compress.allocation import (
+from romcomp.compression.allocation import (
     ASVD_CANDIDATES,
     LinearSpectrum,
     allocate_asvd,
@@ -14,7 +14,7 @@ from romcomp.compress.allocation import (
     allocate_v2,
     dense_breakeven,
 )
-from romcomp.compress.ranks import LinearShape, linear_params
+from romcomp.compression.ranks import LinearShape, linear_params
 from romcomp.errors import BadInputError, RomcompError
 
 KINDS = {"q": (64, 64), "o": (64, 64), "up": (64, 160), "down": (160, 64)}
@@ -135,7 +135,7 @@ def test_asvd_search_meets_the_budget_and_compresses_the_least_sensitive_layers_
 
 
 def _rank(s: LinearShape, candidate: float) -> int | None:
-    from romcomp.compress.ranks import uniform_rank
+    from romcomp.compression.ranks import uniform_rank
 
     return uniform_rank(s.d_in, s.d_out, 1 - candidate)
 

@@ -89,7 +89,7 @@ def test_report_json_spectra_and_plots_round_trip(analyzed) -> None:
 def test_feature_spectra_and_auto_ranks_are_the_allocators(analyzed, tmp_path) -> None:
     """``romcomp compress --allocation auto`` on the same calibration caches bit-identical spectra and
     chooses exactly the ranks the analysis reports for ``auto``; a rerun with other arguments is refused."""
-    from romcomp.compress.profile import load_spectra
+    from romcomp.compression.profile import load_spectra
 
     src, out, common = analyzed
     comp = tmp_path / "comp"

@@ -22,8 +22,8 @@ from calib import (
     load_calibration,
     resolve_data_dir,
 )
-from romcomp.errors import BadInputError, RomcompError
-from romcomp.paths import REPO_ROOT
+from calib.errors import CalibError, CalibInputError
+from calib.paths import REPO_ROOT
 from tests.conftest import REAL_DATA, byte_tokenizer, missing_real_data, needs_real_data
 
 
@@ -91,31 +91,41 @@ def test_wikitext2_and_ptb_are_validation_streams() -> None:
     "relpath", ["wikitext2_raw/wiki.test.raw", "ptb/ptb.test.txt", "wikitext2_tokenized/wiki.test.tokens"]
 )
 def test_refuses_real_test_splits(relpath: str) -> None:
-    with pytest.raises(BadInputError, match="refusing to calibrate on a test split"):
+    with pytest.raises(CalibInputError, match="refusing to calibrate on a test split"):
         load_calibration(str(REAL_DATA / relpath))
 
 
 def test_refuses_any_test_named_file(tmp_path: Path) -> None:
     path = tmp_path / "my_Test_docs.txt"
     path.write_text("some text\n")
-    with pytest.raises(BadInputError, match="test split"):
+    with pytest.raises(CalibInputError, match="test split"):
         load_calibration(str(path))
 
 
 def test_unknown_name_lists_known(tmp_path: Path) -> None:
-    with pytest.raises(BadInputError, match="c4, wikitext2, ptb"):
+    with pytest.raises(CalibInputError, match="c4, wikitext2, ptb"):
         load_calibration("pile")
-    with pytest.raises(BadInputError, match="unknown calibration data"):
+    with pytest.raises(CalibInputError, match="unknown calibration data"):
         load_calibration(str(tmp_path / "missing.jsonl"))
 
 
+def test_errors_carry_the_cli_exit_codes() -> None:
+    """calib's errors are its own (it imports nothing from romcomp) and carry romcomp's exit codes: 2 for a
+    wrong request, 1 for text that cannot be had; romcomp's CLI reports them with its own."""
+    from romcomp.errors import USER_ERRORS
+
+    assert (CalibError.exit_code, CalibInputError.exit_code) == (1, 2)
+    assert issubclass(CalibInputError, CalibError) and issubclass(CalibInputError, ValueError)
+    assert CalibError in USER_ERRORS and calib.CalibInputError is CalibInputError
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(RomcompError, match="ROMCOMP_DATA_DIR") as info:
+    with pytest.raises(CalibError, match="ROMCOMP_DATA_DIR") as info:
         load_calibration("c4", tmp_path / "nowhere")
     message = str(info.value)
     assert str(tmp_path / "nowhere" / "c4" / "c4_en_train_sample_1000.jsonl") in message
     assert "offline" in message
-    assert not isinstance(info.value, BadInputError)
+    assert not isinstance(info.value, CalibInputError) and info.value.exit_code == 1
 
 
 def test_hub_fallback_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,7 +137,7 @@ def test_hub_fallback_failure_is_reported(tmp_path: Path, monkeypatch: pytest.Mo
         raise OSError("no route to host")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", failing_download)
-    with pytest.raises(RomcompError, match="no route to host"):
+    with pytest.raises(CalibError, match="no route to host"):
         load_calibration("c4", tmp_path)
 
 
@@ -135,7 +145,7 @@ def test_hub_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("ROMCOMP_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(cd, "_reachable", lambda endpoint: False)
-    with pytest.raises(RomcompError, match="unreachable"):
+    with pytest.raises(CalibError, match="unreachable"):
         load_calibration("c4", tmp_path)
 
 
@@ -164,7 +174,7 @@ def test_jsonl_user_file(tmp_path: Path) -> None:
 def test_jsonl_without_text_field_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(BadInputError, match=r"docs.jsonl:2: .*'text'"):
+    with pytest.raises(CalibInputError, match=r"docs.jsonl:2: .*'text'"):
         load_calibration(str(path))
 
 
@@ -219,7 +229,7 @@ def test_short_documents_fall_back_to_eos_stream(byte_tok: PreTrainedTokenizerFa
 
 def test_too_little_text_says_how_many_windows_fit(byte_tok: PreTrainedTokenizerFast) -> None:
     src = _source(["tiny doc"] * 10)  # 10 * 8 bytes + 9 EOS = 89 tokens
-    with pytest.raises(BadInputError, match="89 tokens: at most 2 windows of 40"):
+    with pytest.raises(CalibInputError, match="89 tokens: at most 2 windows of 40"):
         calibration_windows(byte_tok, src, 3, 40, seed=0)
 
 
@@ -233,7 +243,7 @@ def test_stream_source_windows_come_from_joined_text(byte_tok: PreTrainedTokeniz
 
 
 def test_bad_sizes_are_rejected(byte_tok: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(BadInputError):
+    with pytest.raises(CalibInputError):
         calibration_windows(byte_tok, _source(["abc"]), 0, 8, seed=0)
 
 
@@ -243,7 +253,10 @@ def test_tokens_description() -> None:
 
 
 @needs_real_data
-@pytest.mark.parametrize("name,n,length", [("c4", 16, 256), ("wikitext2", 8, 512)])
+@pytest.mark.parametrize(
+    "name,n,length",
+    [("c4", 16, 256), pytest.param("wikitext2", 8, 512, marks=pytest.mark.slow)],  # tokenizes 1.1 MB twice
+)
 def test_windows_real_data(byte_tok: PreTrainedTokenizerFast, name: str, n: int, length: int) -> None:
     src = load_calibration(name)
     windows = calibration_windows(byte_tok, src, n, length, seed=0)

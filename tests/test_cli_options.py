@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import romcomp
-from romcomp.compress.config import CompressConfig
+from romcomp.compression.config import CompressConfig
 from tests.conftest import calibration_text, romcomp_cli
 
 SMALL = ["--ratio", "0.3", "--n-samples", "4", "--seq-len", "32", "--threads", "2", "--no-progress",

@@ -13,7 +13,7 @@ from transformers import AutoModel
 
 import romcomp
 from romcomp.api import run
-from romcomp.compress.config import CompressConfig
+from romcomp.compression.config import CompressConfig
 from romcomp.model.discovery import discover
 from tests.families import make_bert
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import romcomp
 from romcomp.api import run
-from romcomp.compress.config import CompressConfig
+from romcomp.compression.config import CompressConfig
 from romcomp.errors import BadInputError, RomcompError
 
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
@@ -102,9 +102,9 @@ def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, calib, mo
     # uniform ranks: no dense pre-pass, so free_block counts main-pass blocks (kill tests cover the default)
     cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, allocation="uniform", **SMALL)
     run(CompressConfig(out=tmp_path / "a", **cfg))
-    from romcomp.compress.engine import Engine
+    from romcomp.compression.blocks import BlockIO
 
-    original, calls = Engine.free_block, []
+    original, calls = BlockIO.free_block, []
 
     def crash_in_third(self, index):  # blocks 0 and 1 are recorded; block 2 is freed but not yet recorded
         original(self, index)
@@ -112,13 +112,13 @@ def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, calib, mo
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Engine, "free_block", crash_in_third)
+    monkeypatch.setattr(BlockIO, "free_block", crash_in_third)
     with pytest.raises(KeyboardInterrupt):
         run(CompressConfig(out=tmp_path / "b", **cfg))
     assert not (tmp_path / "b" / "config.json").exists()  # incomplete output does not look complete
     manifest = json.loads((tmp_path / "b" / ".romcomp" / "manifest.json").read_text())
     assert manifest["blocks_done"] == [0, 1] and manifest["status"] == "running"
-    monkeypatch.setattr(Engine, "free_block", original)
+    monkeypatch.setattr(BlockIO, "free_block", original)
     result = run(CompressConfig(out=tmp_path / "b", **cfg))
     assert result.resumed_blocks == 2
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
@@ -150,9 +150,9 @@ def test_source_change_refuses_resume(tmp_path, calib, monkeypatch):
 
     src = make_tiny_model(tmp_path / "src", "llama")
     out = tmp_path / "out"
-    from romcomp.compress.engine import Engine
+    from romcomp.compression.blocks import BlockIO
 
-    monkeypatch.setattr(Engine, "free_block", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(BlockIO, "free_block", lambda self, i: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run(CompressConfig(model=str(src), ratio=0.3, out=out, calib=calib, **SMALL))
     monkeypatch.undo()
@@ -163,8 +163,8 @@ def test_source_change_refuses_resume(tmp_path, calib, monkeypatch):
 
 def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, calib, monkeypatch):
     """The disk-spilling plan computes exactly what the in-RAM plan computes."""
-    import romcomp.api as api
-    from romcomp.compress import memory
+    import romcomp.compression.prepare as prepare
+    from romcomp.compression import memory
 
     cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, **SMALL)
     run(CompressConfig(out=tmp_path / "ram", **cfg))
@@ -174,7 +174,7 @@ def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, calib, 
         p = real_plan(*args, **kw)
         return memory.MemoryPlan(p.budget, p.estimate, p.batch_size, False, p.parts)
 
-    monkeypatch.setattr(api, "plan", spill)
+    monkeypatch.setattr(prepare, "plan", spill)
     result = run(CompressConfig(out=tmp_path / "disk", **cfg))
     assert not result.plan.activations_in_ram
     assert _files(tmp_path / "ram") == _files(tmp_path / "disk")

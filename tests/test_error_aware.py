@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from romcomp.compress.stats import accumulate, accumulate_cross
+from romcomp.compression.stats import accumulate, accumulate_cross
 from romcomp.methods import error_aware, get_method
 from romcomp.methods.base import CrossStats, InputStats
 
@@ -93,7 +93,7 @@ def test_beats_local_on_its_objective_and_damping_keeps_dense_weight():
 
 WORKSPACE_PROBE = """
 import torch
-from romcomp.compress.memory import ModelDims, _workspace, proc_status_bytes, resident_bytes
+from romcomp.compression.memory import ModelDims, _workspace, proc_status_bytes, resident_bytes
 from romcomp.methods import error_aware
 from romcomp.methods.base import CrossStats
 d_in, d_out = 3000, 1000

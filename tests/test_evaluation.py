@@ -1,7 +1,9 @@
-"""``romcomp eval``: perplexity by hand, lm-eval scoring against a direct computation, prompts, reports.
+"""``romcomp eval``: lm-eval scoring against a direct computation, prompts, MMLU, speed, plots, reports
+(its perplexity record is tested in tests/test_perplexity.py).
 
-Fast tests use tiny random models and (for the harness path) a few documents of each local data file;
-the slow test checks real SmolLM2-135M zero-shot accuracies against chance.
+Fast tests use tiny random models and a few documents of the local data files. Marked slow: the tests
+that read the shared data heavily (the harness over all nine task files, the CLI run that tokenizes the
+whole WikiText-2 and PTB test texts) and the one that checks real SmolLM2-135M accuracies against chance.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from romcomp.cli.evaluate import Tasks, parse_tasks, plan, register
+from romcomp.cli.evaluate import register
 from romcomp.errors import BadInputError
 from romcomp.evaluation import report as rep
 from romcomp.evaluation.efficiency import SpeedSettings
-from romcomp.evaluation.ppl import C4_CALIB_DOCS, c4_heldout_ids, c4_heldout_texts, run_ppl
+from romcomp.evaluation.plan import Tasks, parse_tasks, plan
 from romcomp.evaluation.zeroshot import TASK_FILES
 
 torch.set_num_threads(1)
@@ -37,31 +39,6 @@ def _load(path: Path) -> tuple[Any, Any]:
 @pytest.fixture(scope="module")
 def tiny(tiny_llama: Path) -> tuple[Any, Any]:
     return _load(tiny_llama)
-
-
-# ------------------------------------------------------------------------------------------- perplexity
-
-
-def test_c4_heldout_is_the_last_100_lines(data_dir: Path) -> None:
-    path = data_dir / "c4" / "c4_en_train_sample_1000.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    held = c4_heldout_texts(path)
-    assert len(held) == 100 and C4_CALIB_DOCS == 900
-    assert held[0] == json.loads(lines[900])["text"] and held[-1] == json.loads(lines[-1])["text"]
-
-
-def test_ppl_equals_hand_computation(tiny: tuple[Any, Any], data_dir: Path) -> None:
-    """exp(mean CE of tokens 1..L-1 over the first windows), with full logits from a plain forward."""
-    model, tok = tiny
-    seq_len, windows = 64, 3
-    (entry,) = run_ppl(model, tok, ["c4"], data_dir, seq_len=seq_len, max_windows=windows, batch_size=2)
-    ids = c4_heldout_ids(tok, data_dir)[: seq_len * windows].view(windows, seq_len)
-    with torch.no_grad():
-        logits = model(ids).logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
-    assert entry.tokens_scored == windows * (seq_len - 1) and entry.windows == windows
-    assert math.isclose(entry.ppl, math.exp(nll), rel_tol=1e-4)
-    assert entry.sha256 == "cdd5b754119131d2934e3e799a059a9d64f53a6aac9e7e2ef79b43120bb01a32"
 
 
 # ------------------------------------------------------------------------------------- harness scoring
@@ -89,7 +66,6 @@ def _direct_loglikelihood(model: Any, tok: Any, context: str, continuation: str)
 @pytest.fixture(scope="module")
 def harness(tiny: tuple[Any, Any], data_dir: Path) -> dict[str, Any]:
     """All nine tasks through lm-eval on the first 3 documents each, with per-sample log-likelihoods."""
-    pytest.importorskip("lm_eval")
     from romcomp.evaluation.zeroshot import run_zeroshot
 
     model, tok = tiny
@@ -97,6 +73,7 @@ def harness(tiny: tuple[Any, Any], data_dir: Path) -> dict[str, Any]:
     return {r.task: r for r in results}
 
 
+@pytest.mark.slow
 def test_harness_loglikelihoods_equal_direct(tiny: tuple[Any, Any], harness: dict[str, Any]) -> None:
     model, tok = tiny
     for task, result in harness.items():
@@ -107,6 +84,7 @@ def test_harness_loglikelihoods_equal_direct(tiny: tuple[Any, Any], harness: dic
                 assert math.isclose(ll, direct, rel_tol=1e-4, abs_tol=1e-3), (task, context[-40:])
 
 
+@pytest.mark.slow
 def test_prompts_match_lm_eval_formats(harness: dict[str, Any]) -> None:
     """The first document of each task, rendered by hand from lm-eval 0.4.13's task definitions."""
     first = {task: result.samples[0]["arguments"] for task, result in harness.items()}
@@ -155,6 +133,7 @@ def test_prompts_match_lm_eval_formats(harness: dict[str, Any]) -> None:
     assert first["winogender_male"][0][0].startswith('Sentence: "The technician told the customer that he')
 
 
+@pytest.mark.slow
 def test_acc_and_acc_norm_follow_the_harness_rule(harness: dict[str, Any]) -> None:
     """acc = argmax ll; acc_norm = argmax ll / len(choice) in *characters* (lm-eval 0.4.13's rule;
     byte length is its separate ``acc_bytes``). Checked on every scored document's log-likelihoods."""
@@ -199,6 +178,7 @@ def _solved_nli_prompts(data_dir: Path, task: str) -> dict[str, str]:
     return solved
 
 
+@pytest.mark.slow
 def test_few_shot_nli_prompts_are_solved_pairs_from_the_file(
     tiny: tuple[Any, Any], harness: dict[str, Any], data_dir: Path
 ) -> None:
@@ -243,7 +223,6 @@ def test_multiple_choice_picks_the_constructed_answer(tiny_llama: Path, tmp_path
     1.125 tokens per char). Doc 2: "éé" (5 tokens, 2 chars) vs "abc" (4 tokens, 3 chars): acc and
     character acc_norm both pick "abc" (gold 1); byte normalization would pick "éé" (5/4 < 4/3).
     """
-    pytest.importorskip("lm_eval")
     from romcomp.evaluation.zeroshot import run_zeroshot
 
     data = tmp_path / "data" / "zeroshot_llmfoundry"
@@ -292,13 +271,14 @@ def test_parse_tasks_groups_and_names() -> None:
 def test_bad_input_is_refused_before_loading(
     models: list[str], tasks: str, kwargs: dict[str, Any], match: str, data_dir: Path, monkeypatch
 ) -> None:
-    import romcomp.cli.evaluate as ecli
+    import romcomp.evaluation.run as erun
 
-    monkeypatch.setattr(ecli, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(erun, "load_model", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(BadInputError, match=match):
         plan(models, tasks, data_dir, **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_command_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path) -> None:
     """``romcomp eval`` on a tiny model: exit 0, JSON with settings and hashes, markdown marked partial."""
     app = typer.Typer()
@@ -360,7 +340,6 @@ def test_cli_num_fewshot_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: 
 @pytest.fixture(scope="module")
 def mmlu_run(tiny: tuple[Any, Any], data_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Two subjects, first 3 test questions each, 5-shot, with per-sample log-likelihoods."""
-    pytest.importorskip("lm_eval")
     from romcomp.evaluation.mmlu import run_mmlu
     from romcomp.evaluation.zeroshot import harness_model
 
@@ -436,7 +415,7 @@ def test_mmlu_data_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_speed_and_memory_measurements(tiny: tuple[Any, Any], tiny_llama: Path) -> None:
-    from romcomp.compress.memory import peak_rss as peak_rss_bytes
+    from romcomp.compression.memory import peak_rss as peak_rss_bytes
     from romcomp.evaluation.efficiency import (
         SpeedSettings,
         measure_speed,
@@ -482,7 +461,6 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_plots_are_valid_pngs(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     from romcomp.evaluation.plots import lines, write_plots
 
     doc = _report()
@@ -573,8 +551,6 @@ def test_smollm2_dense_and_compressed_cli_report(compressed: tuple[Path, str], t
     chance is 0.5 / 0.25 / 0.25, so margins of 0.07 / 0.15 / 0.05 leave room for the 50-example noise
     (one standard error is about 0.07) while still failing for a broken prompt or scoring.
     """
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("matplotlib")
     from tests.conftest import romcomp_cli
 
     out, _ = compressed

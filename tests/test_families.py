@@ -19,13 +19,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import romcomp
-from romcomp.api import block_shapes, run
-from romcomp.compress.activations import Boundary
-from romcomp.compress.config import CompressConfig
-from romcomp.compress.engine import Engine, build_shell
-from romcomp.methods import get_method
+from romcomp.api import run
+from romcomp.compression.activations import Boundary
+from romcomp.compression.blocks import BlockIO
+from romcomp.compression.config import CompressConfig
+from romcomp.compression.prepare import block_shapes
 from romcomp.model.checkpoint import LazyCheckpoint
 from romcomp.model.discovery import discover
+from romcomp.model.shell import build_shell
 from tests.conftest import make_tokenizer, romcomp_cli
 from tests.families import FAMILIES, HIDDEN, make_family_model, tiny_config
 
@@ -109,8 +110,7 @@ def _boundaries_through_engine(src: Path, windows: torch.Tensor, tmp_path: Path,
     """Block outputs computed the way the engine does (captured calls, one block at a time)."""
     cfg = AutoConfig.from_pretrained(src)
     shell, ckpt = build_shell(cfg), LazyCheckpoint(src)
-    engine = Engine(model=shell, arch=discover(shell, cfg, ckpt), ckpt=ckpt, method=get_method("rom"),
-                    out_dtype=torch.float32, batch_size=2)  # fmt: skip
+    engine = BlockIO(model=shell, arch=discover(shell, cfg, ckpt), ckpt=ckpt, batch_size=2)  # fmt: skip
     shape = (*windows.shape, HIDDEN)
     source = Boundary.create(tmp_path / "a0", shape, in_ram=True)
     engine.capture_inputs(windows, [source])

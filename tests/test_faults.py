@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from romcomp.api import run
-from romcomp.compress.config import CompressConfig
+from romcomp.compression.config import CompressConfig
 from romcomp.errors import RomcompError
 
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
@@ -135,11 +135,11 @@ def test_second_run_while_the_first_is_writing_is_refused(
 ) -> None:
     """While a run is between blocks, the same command from a second process exits with the lock error
     and writes nothing; the first run then finishes normally."""
-    from romcomp.compress.engine import Engine
+    from romcomp.compression.blocks import BlockIO
     from tests.conftest import romcomp_cli
 
     out = tmp_path / "out"
-    original, second = Engine.free_block, []
+    original, second = BlockIO.free_block, []
 
     def start_second_run(self, index):
         original(self, index)
@@ -163,7 +163,7 @@ def test_second_run_while_the_first_is_writing_is_refused(
             )
             assert sorted(p.name for p in out.iterdir()) == before  # fmt: skip
 
-    monkeypatch.setattr(Engine, "free_block", start_second_run)
+    monkeypatch.setattr(BlockIO, "free_block", start_second_run)
     _compress(src, out, calib_text)
     (proc,) = second
     assert proc.returncode == 1 and "another romcomp run is writing to" in proc.stderr, proc.stderr

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from romcomp.api import run
-from romcomp.compress.config import CompressConfig
+from romcomp.compression.config import CompressConfig
 from romcomp.model import gguf as gguf_convert
 from romcomp.model.sources import resolve_model
 from tests.families import tiny_config

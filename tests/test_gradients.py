@@ -15,21 +15,20 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import romcomp.compress.gradients as gradients
-from romcomp.compress.engine import Engine, build_shell
-from romcomp.methods import get_method
+import romcomp.compression.gradients as gradients
+from romcomp.compression.blocks import BlockIO
 from romcomp.model.checkpoint import LazyCheckpoint
 from romcomp.model.discovery import discover
+from romcomp.model.shell import build_shell
 from tests.conftest import make_tiny_model, romcomp_cli
 
 WINDOWS, TOKENS = 3, 24
 
 
-def engine_for(src) -> Engine:
+def engine_for(src) -> BlockIO:
     cfg = AutoConfig.from_pretrained(src)
     shell, ckpt = build_shell(cfg), LazyCheckpoint(src)
-    return Engine(model=shell, arch=discover(shell, cfg, ckpt), ckpt=ckpt, method=get_method("rom"),
-                  out_dtype=torch.float32, batch_size=2)  # fmt: skip
+    return BlockIO(model=shell, arch=discover(shell, cfg, ckpt), ckpt=ckpt, batch_size=2)  # fmt: skip
 
 
 def reference(src, windows: torch.Tensor) -> dict[str, torch.Tensor]:

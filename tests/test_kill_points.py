@@ -30,12 +30,14 @@ def counting(fn):
         return fn(*a, **k)
     return wrapper
 
-import romcomp.methods as methods, romcomp.compress.profile as profile, romcomp.compress.stats as stats
+import dataclasses
+import romcomp.methods as methods, romcomp.compression.profile as profile, romcomp.compression.stats as stats
 if point == "calibration":
     stats.accumulate = counting(stats.accumulate)
 elif point == "decomposition":  # the default error-aware fit (and local ROM, for other options)
-    methods.CROSS_METHODS["rom"] = counting(methods.CROSS_METHODS["rom"])
-    methods.METHODS["rom"] = counting(methods.METHODS["rom"])
+    rom = methods.METHODS["rom"]
+    methods.METHODS["rom"] = dataclasses.replace(rom, decompose=counting(rom.decompose),
+                                                 decompose_cross=counting(rom.decompose_cross))
 elif point == "profile":  # the dense pre-pass of the auto allocation
     profile.output_spectrum = counting(profile.output_spectrum)
 else:  # a rename: the file is fully written under its temporary name, the rename never happens

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from romcomp.api import run
-from romcomp.compress.config import CompressConfig
+from romcomp.compression.config import CompressConfig
 from tests.conftest import REPO
 
 README_OUT = "smollm2-135m-r0.3"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romcomp.compress.ranks import LinearShape, allocate_uniform, linear_params, uniform_rank
-from romcomp.compress.stats import accumulate
+from romcomp.compression.ranks import LinearShape, allocate_uniform, linear_params, uniform_rank
+from romcomp.compression.stats import accumulate
 from romcomp.methods import get_method, linalg
 from romcomp.methods.base import InputStats
 from romcomp.methods.linalg import psd_root, top_left_singular
@@ -139,8 +139,8 @@ def test_memory_estimate_sizes_each_linear_on_its_own():
     """Qwen2.5-1.5B-like block (gate/up 1536->8960, down 8960->1536, down accumulated on its outputs):
     the decomposition workspace is the worst *single* linear, not largest d_in x largest d_out, and the
     down_proj covariance is 1536² — the estimate that once refused this model under 4 GB (7.4 GiB)."""
-    from romcomp.compress import memory
-    from romcomp.compress.memory import ModelDims, estimate, peak_bytes
+    from romcomp.compression import memory
+    from romcomp.compression.memory import ModelDims, estimate, peak_bytes
 
     h, i = 1536, 8960
     dims = ModelDims(hidden=h, intermediate=i, heads=12, vocab=151936, block_params=46_797_824,
@@ -157,13 +157,14 @@ def test_memory_estimate_sizes_each_linear_on_its_own():
     assert peak_bytes(parts) == max(block_phase, top_phase) == top_phase  # a 150k-vocabulary head dominates
 
 
+@pytest.mark.slow
 def test_float32_eigensolver_costs_nothing_on_real_statistics(smol_dir, data_dir, monkeypatch) -> None:
     """The per-step precision choice on real SmolLM2 activations (C4): the float32 route's bases discard no
     more calibration output energy than the float64 optimum, beyond round-off, summed over the linears."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib import calibration_windows, load_calibration
-    from romcomp.compress.stats import collect_input_stats
+    from romcomp.compression.stats import collect_input_stats
     from romcomp.methods import rom
     from romcomp.model.discovery import discover
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romcomp.compress.stats import accumulate
+from romcomp.compression.stats import accumulate
 from romcomp.methods import METHODS, GradStats, InputStats, asvd, fwsvd, lpaf, rom, svd, svd_llm
 
 D_IN, D_OUT, RANK = 48, 40, 12
@@ -116,7 +116,7 @@ def test_fwsvd_with_equal_importances_is_plain_svd_and_otherwise_the_best_weight
 def test_lpaf_at_density_one_is_its_factorization_alone_the_truncated_svd() -> None:
     weight, stats = planted()
     grad = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(3))
-    got = lpaf.decompose(weight, None, GradStats(torch.ones(D_IN), grad, density=1.0), RANK)
+    got = lpaf.decompose(weight, None, GradStats(torch.ones(D_IN), grad), RANK, density=1.0)
     plain = svd.decompose(weight, None, stats, RANK)
     assert (product(got) - product(plain)).norm() < 1e-5 * product(plain).norm()
 
@@ -128,7 +128,7 @@ def test_lpaf_prunes_the_least_salient_entries_and_fits_the_kept_ones_better_tha
     assert int(mask.sum()) == D_OUT * D_IN // 2
     saliency = (weight * grad).abs()
     assert float(saliency[mask].min()) >= float(saliency[~mask].max())  # first-order: |W ⊙ ∂L/∂W|
-    ours = lpaf.decompose(weight, None, GradStats(torch.ones(D_IN), grad, density=0.5), RANK)
+    ours = lpaf.decompose(weight, None, GradStats(torch.ones(D_IN), grad), RANK, density=0.5)
     plain = svd.decompose(weight, None, stats, RANK)
 
     def kept_error(f) -> float:

@@ -122,7 +122,8 @@ def test_probe_command_end_to_end_on_a_tiny_model(tiny_llama: Path, tmp_path: Pa
 def test_features_are_the_causal_lms_hidden_states_pooled_by_hand(tiny_llama: Path) -> None:
     """The base model run (no logits) gives the causal LM's own hidden states, mean-pooled over each
     sentence's tokens with the padding left out, in the order given (and the last layer alone when asked)."""
-    from romcomp.studies.probing.probe import load_probe_model, sentence_features
+    from romcomp.evaluation.features import sentence_features
+    from romcomp.studies.probing.probe import load_probe_model
 
     model, tok = load_probe_model(str(tiny_llama))
     texts = ["a much longer sentence than the others are", "a short one", "middling length here"]

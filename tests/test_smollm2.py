@@ -19,6 +19,8 @@ import torch
 
 from tests.conftest import ARGS, REPO, romcomp_cli
 
+pytestmark = pytest.mark.slow  # every test here runs a real model
+
 
 def reported(stdout: str, label: str) -> tuple[int, int]:
     m = re.search(rf"{re.escape(label)}\s+([\d,]+)\s+([\d,]+)", stdout)
@@ -129,7 +131,6 @@ def test_sigkill_then_rerun_is_bit_identical(compressed, tmp_path):
     assert _shards(out) == _shards(reference)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("ROMCOMP_SLOW") != "1", reason="set ROMCOMP_SLOW=1 (downloads ~0.5 GB)")
 def test_qwen2_real_model_compresses_loads_and_generates(tmp_path):
     """Qwen2 architecture (q/k/v bias, GQA, untied head) on the real Qwen2.5-Coder-0.5B-Instruct."""

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import romcomp  # noqa: F401 - registers the romcomp Auto classes
 from romcomp.api import run, run_many
-from romcomp.compress.config import CompressConfig
-from romcomp.compress.ranks import linear_params
+from romcomp.compression.config import CompressConfig
+from romcomp.compression.ranks import linear_params
 from romcomp.errors import BadInputError
 from tests.conftest import REPO, make_tiny_model, romcomp_cli
 
@@ -65,15 +65,13 @@ def test_ratios_on_the_dense_stream_share_statistics_bit_for_bit(
     """Local fit on the dense stream in one stage (SVD-LLM's own setting): every ratio's linears see the
     same inputs, so one forward and one set of statistics serve both ratios (and SVD-LLM's inverse and
     SVD are computed once per linear) — and the outputs are the bytes of two separate runs."""
-    import romcomp.compress.engine as engine_mod
+    from romcomp.compression.blocks import BlockIO
 
     cfg = {"model": str(tiny4), "calib": str(calib_text), "method": method, "allocation": "uniform",
            "fit": "local", "calib_stream": "dense", "sequential": False, **SMALL}  # fmt: skip
     forwards = []
-    real_forward = engine_mod.Engine.forward
-    monkeypatch.setattr(
-        engine_mod.Engine, "forward", lambda self, *a: forwards.append(a[0]) or real_forward(self, *a)
-    )
+    real_forward = BlockIO.forward
+    monkeypatch.setattr(BlockIO, "forward", lambda self, *a: forwards.append(a[0]) or real_forward(self, *a))
     many = run_many(CompressConfig(ratio=(0.2, 0.4), out=tmp_path / "many", **cfg))
     n_blocks = AutoModelForCausalLM.from_pretrained(tiny4).config.num_hidden_layers
     assert sorted(forwards) == list(range(n_blocks))  # one forward per block, not one per ratio
@@ -143,8 +141,8 @@ def test_allocation_asvd_measures_every_linear_and_meets_the_budget(tiny4, tmp_p
     """``--allocation asvd``: a sensitivity per linear and candidate in the pre-pass cache, rising as the
     candidate keeps less (the block's output error of a smaller projection is larger); ranks that differ
     between linears of one shape; the ratio's budget met; the output loads and runs."""
-    from romcomp.compress.allocation import ASVD_CANDIDATES
-    from romcomp.compress.profile import load_spectra
+    from romcomp.compression.allocation import ASVD_CANDIDATES
+    from romcomp.compression.profile import load_spectra
 
     out = tmp_path / "asvd"
     proc = romcomp_cli(str(tiny4), "--calib", str(calib_text), "--n-samples", "4", "--seq-len", "32",
@@ -207,14 +205,15 @@ KILL_CHILD = """
 import os, signal, sys
 nth, argv = int(sys.argv[1]), sys.argv[2:]
 calls = [0]
+import dataclasses
 import romcomp.methods as methods
-real = methods.CROSS_METHODS["rom"]
+rom = methods.METHODS["rom"]
 def dying(*a, **k):
     calls[0] += 1
     if calls[0] == nth:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(*a, **k)
-methods.CROSS_METHODS["rom"] = dying
+    return rom.decompose_cross(*a, **k)
+methods.METHODS["rom"] = dataclasses.replace(rom, decompose_cross=dying)
 from romcomp.cli import main
 main(argv)
 """

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from romcomp.compress.ranks import uniform_rank  # noqa: E402
-from romcomp.methods import linalg, rom  # noqa: E402
+from romcomp.compression.ranks import uniform_rank  # noqa: E402
+from romcomp.methods import linalg, projection, rom  # noqa: E402
 from romcomp.methods.base import InputStats  # noqa: E402
 
 SHAPES = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}
@@ -98,7 +98,7 @@ def real_stats(model_spec: str, n_samples: int, seq_len: int, blocks: list[int] 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib import calibration_windows, load_calibration
-    from romcomp.compress.stats import collect_input_stats
+    from romcomp.compression.stats import collect_input_stats
     from romcomp.model.discovery import discover
     from romcomp.model.sources import resolve_model
 
@@ -133,8 +133,8 @@ def compare_real(args: argparse.Namespace) -> list[tuple[str, int, float, float]
                 lin = layers[i].get_submodule(name)
                 k = uniform_rank(lin.in_features, lin.out_features, args.ratio)
                 bias = None if lin.bias is None else lin.bias.data
-                w_aug = rom.augmented_weight(lin.weight.data, bias)
-                sigma = rom.augmented_sigma(s, bias is not None)
+                w_aug = projection.augmented_weight(lin.weight.data, bias)
+                sigma = projection.augmented_sigma(s, bias is not None)
                 result = []
                 for dtype in DTYPES.values():
                     linalg.EIGH_DTYPE = dtype

@@ -58,8 +58,9 @@ def check_family(family: str, root: Path, calib: Path) -> dict[str, str]:
     from transformers import AutoModel, AutoModelForCausalLM
 
     import romcomp  # noqa: F401 - registers the romcomp quantization method
-    from romcomp.api import block_shapes, run
-    from romcomp.compress.config import CompressConfig
+    from romcomp.api import run
+    from romcomp.compression.config import CompressConfig
+    from romcomp.compression.prepare import block_shapes
     from romcomp.model.discovery import discover
     from tests.families import make_bert, make_family_model
 

@@ -44,7 +44,7 @@ of the raw WikiText-2 test file (dense 28.69): the issue's reference numbers."""
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    from romcomp.compress.memory import fmt_bytes
+    from romcomp.compression.memory import fmt_bytes
 
     def num(v: float | None, fmt: str = ".2f") -> str:
         return "–" if v is None else format(v, fmt)

@@ -82,7 +82,7 @@ def evaluate(args: argparse.Namespace, outs: list[str], log: Path) -> dict[str, 
 
 
 def table(doc: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
-    from romcomp.compress.memory import fmt_bytes
+    from romcomp.compression.memory import fmt_bytes
     from romcomp.evaluation.report import seven_task_acc
 
     head = ["model", "ratio", "params", "WikiText-2", "PTB", "C4", "7-task acc", "MMLU", "decode tok/s b1",

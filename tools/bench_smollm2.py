@@ -67,7 +67,7 @@ def child_compress(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from romcomp.api import run
-    from romcomp.compress.config import CompressConfig
+    from romcomp.compression.config import CompressConfig
 
     cfg = CompressConfig(
         model=args.model, ratio=args.one, out=Path(args.out), calib=args.calib, n_samples=args.n_samples,

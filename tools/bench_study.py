@@ -176,7 +176,7 @@ def main() -> None:
     log, ratios, start = bench_targeted.prepare_run(args, CONFIGS)
     from transformers import AutoConfig
 
-    from romcomp.compress.engine import is_encoder
+    from romcomp.model.shell import is_encoder
     from romcomp.model.sources import resolve_model
 
     runs = [outputs(args, name, ratios, log) for name in args.configs.split(",")]

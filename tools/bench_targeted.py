@@ -115,7 +115,7 @@ def rows(doc: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    from romcomp.compress.memory import fmt_bytes
+    from romcomp.compression.memory import fmt_bytes
 
     head = ["configuration", "ratio", "WikiText-2", "C4 (held out)", "7-task mean", "compress s (all ratios)",
             "peak RSS", "plan"]  # fmt: skip

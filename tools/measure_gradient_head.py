@@ -17,17 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from romcomp.api import prepare  # noqa: E402
-from romcomp.compress.activations import Boundary  # noqa: E402
-from romcomp.compress.config import CompressConfig  # noqa: E402
-from romcomp.compress.engine import Engine  # noqa: E402
-from romcomp.compress.gradients import head_gradient  # noqa: E402
-from romcomp.compress.memory import fmt_bytes, peak_rss  # noqa: E402
-from romcomp.methods import get_method  # noqa: E402
+from romcomp.compression.activations import Boundary  # noqa: E402
+from romcomp.compression.blocks import BlockIO  # noqa: E402
+from romcomp.compression.config import CompressConfig  # noqa: E402
+from romcomp.compression.gradients import head_gradient  # noqa: E402
+from romcomp.compression.memory import fmt_bytes, peak_rss  # noqa: E402
+from romcomp.compression.prepare import prepare  # noqa: E402
 from romcomp.model.discovery import text_config  # noqa: E402
 
 
@@ -42,13 +39,12 @@ def main() -> None:
                          allocation="uniform", fit="local", sequential=False, n_samples=args.n_samples,
                          seq_len=512,
                          threads=args.threads, progress=False)  # fmt: skip
-    p = prepare(cfg, cfg.validate())
+    p = prepare(cfg.resolve())
     print(
         f"plan {fmt_bytes(p.mem.estimate)}: "
         + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.mem.parts.items())
     )
-    engine = Engine(model=p.shell, arch=p.arch, ckpt=p.ckpt, method=get_method("fwsvd"),
-                    out_dtype=torch.float32, batch_size=1)  # fmt: skip
+    engine = BlockIO(model=p.shell, arch=p.arch, ckpt=p.ckpt, batch_size=1)
     shape = (args.n_samples, 512, text_config(p.hf_config).hidden_size)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

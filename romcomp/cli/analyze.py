@@ -37,8 +37,8 @@ def analyze_command(
 ) -> None:
     """Weight- and feature-space spectra, effective ranks and energies of every block linear: report.md,
     analysis.json, spectra.safetensors and PNGs."""
-    from romcomp.compress.config import CompressConfig
-    from romcomp.compress.memory import fmt_bytes
+    from romcomp.compression.config import CompressConfig
+    from romcomp.compression.memory import fmt_bytes
     from romcomp.studies.analyze import analyze
     from romcomp.studies.analyze_report import low_rank_ranking
 

@@ -34,7 +34,7 @@ def probe_command(
     """Linear probes (logistic regression) on every layer's hidden states for seven linguistic tasks, each
     with a control task: accuracy, control accuracy and selectivity per layer; probe.json, report.md and
     selectivity.png."""
-    from romcomp.compress.memory import fmt_bytes
+    from romcomp.compression.memory import fmt_bytes
     from romcomp.studies.probing.run import best, run_probes
     from romcomp.studies.probing.tasks import TASKS
 

@@ -9,9 +9,9 @@ whether the model *uses* the information zero-shot, the head whether its feature
 The data directory has evaluation sets only (RTE dev: 277 pairs, SNLI: 1254 labelled pairs of a test
 subset), so the head is trained and scored by seeded, stratified ``FOLDS``-fold cross-validation on them:
 every pair is scored exactly once, by a head that never saw it; accuracy is pooled over the folds. The
-classifier is the probe's
-(``romcomp.studies.probing.probe``: scikit-learn's L2 objective, L-BFGS, fixed budget,
-features standardized on each fold's training part), so probes and heads share one implementation.
+features and the classifier are :mod:`romcomp.evaluation.features` (scikit-learn's L2 objective, L-BFGS,
+fixed budget, features standardized on each fold's training part), which the probing study uses too, so
+probes and heads share one implementation.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def pair_features(
 ) -> np.ndarray:
     """``(pairs, 4 · hidden)`` SentEval pair features from the last layer's mean-pooled states (each
     distinct sentence encoded once: SNLI repeats every premise for three hypotheses)."""
-    from romcomp.studies.probing.probe import sentence_features
+    from romcomp.evaluation.features import sentence_features
 
     texts = list(dict.fromkeys([*premises, *hypotheses]))
     index = {text: i for i, text in enumerate(texts)}
@@ -88,7 +88,7 @@ def cross_validated_accuracy(
 ) -> dict[str, Any]:
     """Pooled accuracy of the head over ``k`` stratified folds, per-fold accuracies, and the majority
     baseline (the most frequent class's share: the accuracy a head that learned nothing reaches)."""
-    from romcomp.studies.probing.probe import probe_accuracy
+    from romcomp.evaluation.features import probe_accuracy
 
     y = np.asarray(labels)
     if len(y) < 2 * k or len(set(y.tolist())) < 2:

@@ -1,10 +1,21 @@
-"""Perplexity on WikiText-2 / PTB test text with the GPTQ / SVD-LLM protocol, memory-bounded.
+"""Perplexity, the one implementation: the evaluation texts, the windows and the chunked LM head.
+
+Every perplexity romcomp reports comes from :func:`perplexity` on ids from :func:`dataset_ids`: ``romcomp
+eval`` (:func:`run_ppl`, one :class:`PplEntry` per set) and the compress command's ``--ppl-windows`` line
+(:mod:`romcomp.evaluation.quality`).
 
 Protocol (so numbers compare with published ones): the test split's rows are joined with
 ``"\\n\\n"`` and tokenized once with the tokenizer's defaults (a Llama-style tokenizer thus puts a
 single BOS at the very start of the stream, none elsewhere); the ids are cut into non-overlapping
 windows ``ids[i*L:(i+1)*L]`` (the tail shorter than L is dropped); inside each window tokens 1..L-1
 are scored given their prefix; ``ppl = exp(mean NLL over all scored tokens)``.
+
+C4 has no test split in the data directory, only the first 1000 documents of the train shard that
+calibration also samples from. Documents ``C4_CALIB_DOCS..C4_DOCS-1`` (the last 100 JSON lines) are
+therefore *held out*: calibration with ``c4`` samples only from the first ``C4_CALIB_DOCS`` lines
+(``calib.datasets``), or the C4 number would measure text the model was fitted on. The held-out
+documents are joined with ``" "`` and tokenized once, as GPTQ's C4 evaluation joins its validation
+documents.
 
 Memory: full-vocabulary logits for a batch (4 x 512 x 49k floats = 400 MB for SmolLM2, 1 GB for a
 128k vocabulary) would dominate the footprint on a CPU box, so the decoder's final hidden states are
@@ -13,8 +24,11 @@ computed once and the LM head is applied to ``_LOGIT_CHUNK`` positions at a time
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.datasets import DATA_DIR_ENV, STREAM_JOINER, hf_ptb_rows, hf_wikitext_rows, resolve_data_dir
+from calib.datasets import C4_CALIB_DOCS, C4_DOCS, STREAM_JOINER, hf_ptb_rows, hf_wikitext_rows
+from calib.paths import DATA_DIR_ENV, resolve_data_dir
 from romcomp.errors import BadInputError, RomcompError
 
 _LOGIT_CHUNK = 256
 WIKITEXT2_TEST = "wikitext2_raw/wiki.test.raw"
 PTB_TEST = "ptb/ptb.test.txt"
+C4_SAMPLE = "c4/c4_en_train_sample_1000.jsonl"
+C4_JOINER = " "
+
+PPL_FILES: dict[str, str] = {"wikitext2": WIKITEXT2_TEST, "ptb": PTB_TEST, "c4": C4_SAMPLE}
+PROTOCOLS: dict[str, str] = {
+    "wikitext2": "WikiText-2 raw test, HF rows joined with \\n\\n, tokenizer defaults",
+    "ptb": "PTB test (ptb_text_only rows) joined with \\n\\n, tokenizer defaults",
+    "c4": f"C4 sample JSON lines {C4_CALIB_DOCS + 1}-{C4_DOCS} (held out from calibration) joined with ' '",
+}
 
 
 @dataclass
@@ -41,6 +65,34 @@ class PerplexityResult:
     seq_len: int
 
 
+@dataclass
+class PplEntry:
+    """One dataset's perplexity plus what a reader needs to reproduce it (a ``romcomp eval`` record)."""
+
+    dataset: str
+    ppl: float
+    nll: float
+    tokens_scored: int
+    windows: int
+    windows_available: int
+    seq_len: int
+    data_file: str
+    sha256: str
+    protocol: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------- evaluation texts
+
+
+def encode_eval(tokenizer: Any, text: str) -> torch.LongTensor:
+    """Tokenize with the tokenizer's defaults (special tokens included), as the reference code does."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    return ids.to(torch.long)
+
+
 def wikitext2_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
     """Token ids of the WikiText-2 raw test split, exactly as ``tokenizer("\\n\\n".join(test["text"]))``.
 
@@ -49,7 +101,7 @@ def wikitext2_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> to
     *not* the file content: it has extra newlines, and perplexities depend on them.
     """
     rows = hf_wikitext_rows(_eval_file(WIKITEXT2_TEST, data_dir).read_bytes())
-    return _encode_eval(tokenizer, STREAM_JOINER.join(rows))
+    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
 
 
 def ptb_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
@@ -58,7 +110,39 @@ def ptb_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.Lo
     This is SVD-LLM's protocol (same joiner as for WikiText-2); GPTQ's ``ptb-new`` joins with ``" "``.
     """
     rows = hf_ptb_rows(_eval_file(PTB_TEST, data_dir).read_bytes())
-    return _encode_eval(tokenizer, STREAM_JOINER.join(rows))
+    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+
+
+def c4_heldout_texts(path: Path) -> list[str]:
+    """``text`` of JSON lines ``C4_CALIB_DOCS..`` of the C4 sample (counted in lines, blank docs included)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) < C4_DOCS:
+        raise RomcompError(f"{path} has {len(lines)} lines, expected {C4_DOCS}: not the known C4 sample")
+    return [json.loads(line)["text"] for line in lines[C4_CALIB_DOCS:C4_DOCS]]
+
+
+def c4_heldout_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
+    """Token ids of the held-out C4 documents joined with ``C4_JOINER``, tokenizer defaults (BOS once)."""
+    path = ppl_data_files(["c4"], data_dir)["c4"]
+    return encode_eval(tokenizer, C4_JOINER.join(c4_heldout_texts(path)))
+
+
+def dataset_ids(name: str, tokenizer: Any, data_dir: str | Path | None) -> torch.LongTensor:
+    """Token ids of one evaluation stream by name (``wikitext2``, ``ptb`` or ``c4``)."""
+    loaders = {"wikitext2": wikitext2_test_ids, "ptb": ptb_test_ids, "c4": c4_heldout_ids}
+    return loaders[name](tokenizer, data_dir)
+
+
+def ppl_data_files(datasets: Sequence[str], data_dir: str | Path | None) -> dict[str, Path]:
+    """Each dataset's file, or one RomcompError naming every missing one (checked before loading)."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        raise RomcompError("no data directory found: pass --data-dir or set $ROMCOMP_DATA_DIR")
+    files = {name: root / PPL_FILES[name] for name in datasets}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise RomcompError(f"perplexity data missing: {', '.join(missing)} (set --data-dir)")
+    return files
 
 
 def _eval_file(relpath: str, data_dir: str | Path | None) -> Path:
@@ -73,10 +157,46 @@ def _eval_file(relpath: str, data_dir: str | Path | None) -> Path:
     return path
 
 
-def _encode_eval(tokenizer: Any, text: str) -> torch.LongTensor:
-    """Tokenize with the tokenizer's defaults (special tokens included), as the reference code does."""
-    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
-    return ids.to(torch.long)
+# -------------------------------------------------------------------------------------- romcomp eval
+
+
+def run_ppl(
+    model: nn.Module,
+    tokenizer: Any,
+    datasets: Sequence[str],
+    data_dir: str | Path | None,
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+) -> list[PplEntry]:
+    """Perplexity on each dataset over its first ``max_windows`` windows (all when None)."""
+    files = ppl_data_files(datasets, data_dir)
+    entries = []
+    for name in datasets:
+        ids = dataset_ids(name, tokenizer, data_dir)
+        result = perplexity(
+            model,
+            ids,
+            seq_len=seq_len,
+            max_windows=max_windows,
+            batch_size=batch_size,
+            progress=f"ppl {name}",
+        )
+        entries.append(
+            PplEntry(
+                dataset=name, ppl=result.ppl, nll=result.nll, tokens_scored=result.tokens_scored,
+                windows=result.windows, windows_available=ids.numel() // seq_len, seq_len=seq_len,
+                data_file=str(files[name]), sha256=_sha256(files[name]), protocol=PROTOCOLS[name],
+            )
+        )  # fmt: skip
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ computation
 
 
 def perplexity(

@@ -1,7 +1,8 @@
 """The before/after perplexity line printed by ``romcomp MODEL --ppl-windows N``.
 
-It loads whole models (dense and compressed), so it is meant for small models; ``romcomp eval`` (later)
-brings the memory-bounded protocol for large ones.
+A thin caller of :mod:`romcomp.evaluation.perplexity` (same text, windows and chunked head as ``romcomp
+eval``). It loads whole models (dense and compressed) in float32, so it is meant for small models;
+``romcomp eval`` measures large ones (``--dtype bfloat16``, one model at a time, with a report).
 """
 
 from __future__ import annotations

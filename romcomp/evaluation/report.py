@@ -117,7 +117,7 @@ def _fmt(value: float | None, kind: str) -> str:
     if kind == "ppl":
         return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3e}"
     if kind == "bytes":
-        from romcomp.compress.memory import fmt_bytes
+        from romcomp.compression.memory import fmt_bytes
 
         return fmt_bytes(int(value))
     if kind in ("speed", "ratio"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from romcomp.methods.base import Factors, InputStats
+from romcomp.methods.registry import Method, register
 
 ALPHA = 0.5
 
@@ -39,3 +40,6 @@ def scaled_svd(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Ten
         up=(u[:, :rank] * sqrt[None, :]).float().contiguous(),
         bias=None if bias is None else bias.float().clone(),
     )
+
+
+METHOD = register(Method(name="asvd", help="activation-aware SVD, alpha 0.5", decompose=decompose))

@@ -57,7 +57,6 @@ class GradStats:
 
     fisher_in: torch.Tensor
     grad: torch.Tensor | None = None
-    density: float = 1.0  # LPAF's pruning target (the run's --density)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from romcomp.methods import linalg
 from romcomp.methods.base import CrossStats, Factors
 from romcomp.methods.linalg import top_left_singular
-from romcomp.methods.rom import augmented_sigma, augmented_weight, project, whitening_root
+from romcomp.methods.projection import augmented_sigma, augmented_weight, project, whitening_root
 
 DAMP = 1.0
 """Ridge towards the dense weight, relative to the mean input variance. Measured on SmolLM2-135M at ratio
@@ -43,7 +43,7 @@ def target_map(weight: torch.Tensor, bias: torch.Tensor | None, stats: CrossStat
     (the bias column meets the zero row). Written for memory (``d_in`` is 11008 at Llama-2-7B's
     ``down_proj``: 0.90 GiB per float64 square): ``D`` lives in the cross sums' own storage
     (:meth:`CrossStats.difference`), so besides the statistics the fit holds two squares, Σ̃ + δI and its
-    Cholesky root; :func:`romcomp.compress.memory.estimate` counts exactly this.
+    Cholesky root; :func:`romcomp.compression.memory.estimate` counts exactly this.
     """
     with_bias = bias is not None
     w = augmented_weight(weight, bias)

@@ -4,7 +4,7 @@ Measured on the 2-core EPYC reference machine for a 4096² problem (``tools/benc
 ``torch.linalg.eigh`` float64 9.5 s, LAPACK ``syevd`` through scipy 6.7 s in float64 and 3.7 s in float32;
 ``xᵀx`` as a float32 GEMM 1.0 s, as ``ssyrk`` (one triangle, half the flops) 0.37 s. So:
 
-- covariances: float32 ``syrk`` per chunk, summed in float64 (:mod:`romcomp.compress.stats`);
+- covariances: float32 ``syrk`` per chunk, summed in float64 (:mod:`romcomp.compression.stats`);
 - whitening root: float64 Cholesky (n³/3 flops, 0.2 s; a tiny recorded jitter when Σ is singular);
 - products and the eigensolver: float32 (``EIGH_DTYPE``).
 

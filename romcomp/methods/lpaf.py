@@ -3,7 +3,7 @@ knows which entries were pruned.
 
 1. **Prune**: each weight's first-order saliency ``|W ⊙ ∂L/∂W|`` (the loss change a Taylor expansion
    predicts for zeroing it; ``∂L/∂W`` summed over the calibration windows by the streamed gradient pass,
-   :mod:`romcomp.compress.gradients`)
+   :mod:`romcomp.compression.gradients`)
    ranks the entries of the matrix; the top ``density`` fraction is kept (mask
    ``M``), the rest are "don't care".
 2. **Sparsity-aware factorization**: the rank-k ``Ŵ`` minimizing the error on the *kept* entries only,
@@ -25,6 +25,11 @@ import math
 import torch
 
 from romcomp.methods.base import Factors, GradStats
+from romcomp.methods.registry import Method, Option, register
+
+DENSITY = 0.5
+"""Without ``--density``: half of each matrix's entries (the least salient) are pruned to "don't care"
+before the factorization."""
 
 ITERATIONS = 8
 """EM steps after the SVD start (float32 SVDs: each is one truncated SVD of the layer's matrix)."""
@@ -44,12 +49,15 @@ def _truncated(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, 
     return u[:, :rank], s[:rank], vh[:rank]
 
 
-def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: GradStats, rank: int) -> Factors:
-    """Rank-``rank`` LPAF factors of one linear layer (``stats.grad``: the summed gradient)."""
+def decompose(
+    weight: torch.Tensor, bias: torch.Tensor | None, stats: GradStats, rank: int, density: float = DENSITY
+) -> Factors:
+    """Rank-``rank`` LPAF factors of one linear layer (``stats.grad``: the summed gradient; ``density``:
+    the fraction of entries the pruning keeps)."""
     if stats.grad is None:
         raise ValueError("LPAF needs the summed weight gradients (the gradient pass's full=True)")
     w = weight.float()
-    mask = saliency_mask(weight, stats.grad, stats.density)
+    mask = saliency_mask(weight, stats.grad, density)
     u, s, vh = _truncated(w, rank)
     if not bool(mask.all()):
         for _ in range(ITERATIONS):
@@ -61,3 +69,18 @@ def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: GradStats,
         up=(u * sqrt[None, :]).contiguous(),
         bias=None if bias is None else bias.float().clone(),
     )
+
+
+METHOD = register(
+    Method(
+        name="lpaf",
+        help="first-order pruning, then a factorization of the kept weights",
+        decompose=decompose,
+        needs="gradients",
+        gradients="full",
+        options=(
+            Option("density", DENSITY, 0.0, 1.0, "fraction of each matrix's weights its pruning keeps"),
+        ),
+        experts=False,
+    )
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from romcomp.methods.base import Factors, InputStats
+from romcomp.methods.registry import Method, register
 
 
 def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
@@ -17,3 +18,8 @@ def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats
         up=(u[:, :rank] * root[None, :]).float().contiguous(),
         bias=None if bias is None else bias.float().clone(),
     )
+
+
+METHOD = register(
+    Method(name="svd", help="plain truncated SVD, data-free", decompose=decompose, needs="none")
+)

@@ -18,6 +18,7 @@ import torch
 
 from romcomp.methods.base import Factors, InputStats
 from romcomp.methods.linalg import symmetric_from_upper
+from romcomp.methods.registry import Method, register
 
 
 def whitening_factor(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
@@ -75,3 +76,8 @@ def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats
         bias=None if bias is None else bias.float().clone(),
         notes=list(notes),
     )
+
+
+METHOD = register(
+    Method(name="svd-llm", help="whitened SVD as the official SVD-LLM code", decompose=decompose)
+)

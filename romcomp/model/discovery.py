@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from romcomp.compress.stats import StopForward
+from romcomp.compression.stats import StopForward
 from romcomp.errors import BadInputError
 from romcomp.model.archs import ArchSpec
 from romcomp.model.checkpoint import LazyCheckpoint

@@ -176,7 +176,7 @@ def _plan_tensors(
     The family's module tree is built on the meta device to learn the HF names and shapes; a GGUF tensor
     transformers cannot place, or an HF parameter no tensor fills (other than a tied ``lm_head``), is an
     error before anything is written."""
-    from romcomp.compress.engine import build_shell
+    from romcomp.model.shell import build_shell
 
     shell = build_shell(config)
     shapes = {n: tuple(t.shape) for n, t in shell.state_dict().items()}

@@ -4,7 +4,7 @@ The "structure analysis" study of the seeds, for the user's own model: per block
 singular values (weight space) and the spectrum of its outputs on the calibration set (feature space,
 ``W̃ Σ̃ W̃ᵀ``: what ROM truncates), their effective ranks, the energy the rank a ratio would assign keeps,
 and weight statistics. The feature spectra come from the dense pre-pass the ``auto`` allocation runs
-(:func:`romcomp.compress.profile.profile`)
+(:func:`romcomp.compression.profile.profile`)
 — the same code and the same numbers, not a copy — so the ranks reported
 for ``auto`` are the ones ``romcomp compress`` would choose on this calibration. Streamed like compression:
 one block in memory, under ``--max-ram``; the pre-pass is cached and resumes after a kill.
@@ -16,15 +16,15 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from romcomp.compress.allocation import LinearSpectrum, allocate_auto
-from romcomp.compress.config import CompressConfig
-from romcomp.compress.ranks import LinearShape, allocate_uniform
+from romcomp.compression.allocation import LinearSpectrum, allocate_auto
+from romcomp.compression.config import CompressConfig, RunSpec
+from romcomp.compression.ranks import LinearShape, allocate_uniform
 from romcomp.errors import BadInputError
 from romcomp.model.archs import ArchSpec
 
@@ -156,29 +156,26 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
     """Stream the dense pre-pass over ``cfg``'s calibration, read every weight once, and write the
     analysis (JSON, spectra, markdown, PNGs) to ``cfg.out``; ``cfg.ratio`` is the ratio whose ranks the
     energies are reported at (one ratio)."""
-    from romcomp.api import prepare
-    from romcomp.compress.engine import Engine
-    from romcomp.compress.memory import peak_rss
-    from romcomp.compress.profile import profile
+    from romcomp.compression.blocks import BlockIO
+    from romcomp.compression.memory import peak_rss
+    from romcomp.compression.prepare import prepare
+    from romcomp.compression.profile import profile
     from romcomp.evaluation.plots import require_matplotlib
-    from romcomp.methods import get_method, get_output_method
     from romcomp.studies.analyze_report import write_report
 
     t0 = time.perf_counter()
     require_matplotlib()
-    cfg.fit, cfg.sequential = "local", False  # the pre-pass only gathers statistics: plan no fit's workspace
-    budget = cfg.validate()
-    if len(cfg.ratios) != 1:
+    # the pre-pass only gathers statistics: plan no fit's workspace
+    spec = replace(cfg, fit="local", sequential=False).resolve()
+    if len(spec.ratios) != 1:
         raise BadInputError("romcomp analyze reports the ranks of one --ratio")
-    out = Path(cfg.out) if cfg.out else Path(f"{Path(cfg.model).name}-analysis")
-    p = prepare(cfg, budget)
+    out = Path(spec.out) if spec.out else Path(f"{Path(spec.model).name}-analysis")
+    p = prepare(spec)
     workdir = WorkDir(out)
-    _open(workdir, cfg, p.calib_desc, p.source.description)
-    engine = Engine(model=p.shell, arch=p.arch, ckpt=p.ckpt, method=get_method("rom"),
-                    output_method=get_output_method("rom"), compute_dtype=getattr(torch, cfg.compute_dtype),
-                    out_dtype=torch.float32, batch_size=p.mem.batch_size)  # fmt: skip
-    spectra = profile(engine, workdir, p.windows, p.mem.activations_in_ram, p.n_blocks, cfg.progress)
-    ratio = cfg.ratios[0]
+    _open(workdir, spec, p.calib_desc, p.source.description)
+    io = BlockIO(p.shell, p.arch, p.ckpt, p.mem.batch_size)
+    spectra = profile(io, workdir, p.windows, p.mem.activations_in_ram, p.n_blocks, spec.progress)
+    ratio = spec.ratios[0]
     linears = collect(p.ckpt, p.arch, p.shapes, spectra)
     uniform = allocate_uniform(p.shapes, ratio)
     auto = allocate_auto(p.shapes, ratio, spectra)
@@ -199,7 +196,7 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
     return result
 
 
-def _open(workdir: WorkDir, cfg: CompressConfig, calib: str, source: str) -> None:
+def _open(workdir: WorkDir, cfg: RunSpec, calib: str, source: str) -> None:
     """Reuse a previous run's cached pre-pass only when it was made with the same arguments."""
     args = {"model": source, "calibration": calib, "compute_dtype": cfg.compute_dtype, "ratio": cfg.ratios[0]}
     record = workdir.work / ARGS_FILE

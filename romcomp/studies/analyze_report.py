@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from romcomp.compress.memory import fmt_bytes
+from romcomp.compression.memory import fmt_bytes
 from romcomp.model.checkpoint import atomic_save_safetensors
 
 PLOTS = ("heatmap.png", "spectra.png", "energy.png")
@@ -121,6 +121,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plots(doc: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """``heatmap.png`` (effective rank per block and kind), ``spectra.png`` (three blocks' normalized
+    singular values) and ``energy.png`` (energy kept vs rank, mean per kind) in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,6 +132,13 @@ def plots(doc: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path) -> N
     ks = kinds(rows)
     blocks = sorted({r["block"] for r in rows})
     spaces = [s for s in ("feature", "weight") if grid(rows, s)]
+    _heatmap(plt, rows, ks, blocks, spaces, out / "heatmap.png")
+    _spectra(plt, rows, tensors, blocks, out / "spectra.png")
+    _energy(plt, rows, tensors, ks, spaces, out / "energy.png")
+
+
+def _heatmap(plt: Any, rows: list[dict[str, Any]], ks: list[str], blocks: list[int], spaces: list[str],
+             path: Path) -> None:  # fmt: skip
     fig, axes = plt.subplots(
         1, len(spaces), figsize=(4 + 1.2 * len(ks) * len(spaces), 2 + 0.25 * len(blocks))
     )
@@ -144,9 +153,12 @@ def plots(doc: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path) -> N
         ax.set_title(f"{space} space: effective rank / max", fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(out / "heatmap.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _spectra(plt: Any, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor], blocks: list[int],
+             path: Path) -> None:  # fmt: skip
     chosen = sorted({blocks[0], blocks[len(blocks) // 2], blocks[-1]})
     fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4), squeeze=False)
     for ax, b in zip(axes[0], chosen, strict=True):
@@ -163,9 +175,12 @@ def plots(doc: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path) -> N
         ax.set_xlabel("rank / max rank")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "spectra.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def _energy(plt: Any, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor], ks: list[str],
+            spaces: list[str], path: Path) -> None:  # fmt: skip
     fig, axes = plt.subplots(1, len(spaces), figsize=(5.5 * len(spaces), 4), squeeze=False)
     for ax, space in zip(axes[0], spaces, strict=True):
         for i, k in enumerate(ks):
@@ -185,7 +200,7 @@ def plots(doc: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path) -> N
         ax.set_title(f"{space} space", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "energy.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

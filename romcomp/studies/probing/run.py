@@ -22,11 +22,12 @@ def run_probes(models: list[str], out: Path, data_dir: Path | None, tasks: list[
     the JSON document."""
     import torch
 
-    from calib.datasets import resolve_data_dir
-    from romcomp.compress.memory import peak_rss
+    from calib.paths import resolve_data_dir
+    from romcomp.compression.memory import peak_rss
+    from romcomp.evaluation.features import sentence_features
     from romcomp.evaluation.plots import require_matplotlib
     from romcomp.model.sources import resolve_model
-    from romcomp.studies.probing.probe import load_probe_model, probe_layers, probed_layers, sentence_features
+    from romcomp.studies.probing.probe import load_probe_model, probe_layers, probed_layers
     from romcomp.studies.probing.tasks import SNLI_FILE, TASKS, build_task, control_labels, load_sentences
 
     unknown = [t for t in tasks if t not in TASKS]

@@ -89,7 +89,7 @@ TEMPORARIES = "forward temporaries"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 GRADIENTS = "gradient pass (the head, or one block under autograd)"
 HEAD_CHUNK = (
-    128  # positions per output-head call of the gradient pass (romcomp.compress.gradients imports it)
+    128  # positions per output-head call of the gradient pass (romcomp.compression.gradients imports it)
 )
 
 
@@ -98,7 +98,7 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
              gradients: int = 0) -> dict[str, int]:  # fmt: skip
     """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase.
 
-    ``gradients``: the streamed gradient pass runs first (:mod:`romcomp.compress.gradients`) with that many
+    ``gradients``: the streamed gradient pass runs first (:mod:`romcomp.compression.gradients`) with that many
     weight-sized float32 gradient buffers per linear (1: FWSVD's per-window gradient; 2: LPAF's, which
     also sums them) — a phase of its own, before the block phase (:func:`_gradient_phase`).
 

@@ -189,7 +189,7 @@ class OutputDir:
         for name in TOKENIZER_FILES:
             if (source_dir / name).exists():
                 shutil.copyfile(source_dir / name, self.out / name)
-        code_dir = Path(__file__).parent / "hf"
+        code_dir = Path(__file__).resolve().parent.parent / "hf"  # romcomp/hf: the remote-code module
         for name in HF_CODE:
             shutil.copyfile(code_dir / name, self.out / name)
         atomic_write_json(self.out / "model.safetensors.index.json", self._index())

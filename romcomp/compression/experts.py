@@ -19,10 +19,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from romcomp.compression.blocks import rounded
+from romcomp.compression.stats import collect_expert_stats
 from romcomp.hf.modeling_romcomp import swap_experts
-from romcomp.methods import Decompose
 from romcomp.methods import svd as plain_svd
 from romcomp.methods.base import InputStats
+from romcomp.methods.registry import Decompose, Method
 
 STARVED = "fewer routed tokens than their statistics' width"
 """The note's wording, which the end-of-run summary counts."""
@@ -55,7 +57,7 @@ def narrow(block: nn.Module, name: str) -> bool:
 
 def fit_projection(
     block: nn.Module, name: str, rank: int, stats: dict[tuple[str, int], InputStats],
-    method: Decompose, out_dtype: torch.dtype, label: str,
+    decompose: Decompose, data_free: bool, out_dtype: torch.dtype, label: str,
 ) -> list[str]:  # fmt: skip
     """Factor every expert of projection ``name`` at ``rank`` from ``stats`` (consumed) into a
     :class:`LowRankExperts` swapped in first (each expert's factors are written into it as they come,
@@ -68,7 +70,6 @@ def fit_projection(
     pair = swap_experts(block, name, rank)
     pair.down.data.zero_()
     pair.up.data.zero_()
-    data_free = method is plain_svd.decompose
     starved: list[str] = []
     notes: list[str] = []
     for e in range(dense.shape[0]):
@@ -78,13 +79,13 @@ def fit_projection(
             starved.append(f"{e} ({0 if st is None else st.count})")
             f = plain_svd.decompose(weight, b, None, rank)
         else:
-            f = method(weight, b, st, rank)
+            f = decompose(weight, b, st, rank)
         f.check_finite(f"{label}[expert {e}]")
         notes += [f"expert {e}: {x}" for x in f.notes]
-        pair.down.data[e, : f.rank] = f.down.to(out_dtype).float()
-        pair.up.data[e, :, : f.rank] = f.up.to(out_dtype).float()
+        pair.down.data[e, : f.rank] = rounded(f.down, out_dtype)
+        pair.up.data[e, :, : f.rank] = rounded(f.up, out_dtype)
         if f.bias is not None:
-            getattr(module, f"{proj}_bias").data[e] = f.bias.to(out_dtype).float()
+            getattr(module, f"{proj}_bias").data[e] = rounded(f.bias, out_dtype)
     if starved:
         notes.append(f"experts saw {STARVED}, fitted by plain SVD of the weight: {', '.join(starved)}")
     return [f"{label}: {x}" for x in notes]
@@ -92,20 +93,20 @@ def fit_projection(
 
 def fit_experts(
     block: nn.Module, names: list[str], ranks: dict[str, int], prefix: str,
-    run: Callable[[dict], None], choose: Callable[[bool], Decompose], out_dtype: torch.dtype,
+    run: Callable[[dict], None], method: Method, out_dtype: torch.dtype,
 ) -> list[str]:  # fmt: skip
     """Collect every named projection's per-expert statistics with one calibration pass (``run``, given
-    the live statistics dict, runs the forwards) and fit them; ``choose(by_output)`` gives the method."""
-    from romcomp.compress.stats import collect_expert_stats
-
+    the live statistics dict, runs the forwards) and fit them with ``method`` (from the outputs' moment
+    where that side is narrower and the method has an output variant)."""
     wanted = [n for n in names if prefix + n in ranks]
     if not wanted:
         return []
-    outputs = {n: narrow(block, n) and choose(True) is not None for n in wanted}
+    outputs = {n: narrow(block, n) and method.decompose_outputs is not None for n in wanted}
     with collect_expert_stats(block, wanted, outputs.__getitem__, stop=True) as stats:
         run(stats)
     notes: list[str] = []
     for name in wanted:
-        method = choose(outputs[name])
-        notes += fit_projection(block, name, ranks[prefix + name], stats, method, out_dtype, prefix + name)
+        decompose = method.decompose_outputs if outputs[name] else method.decompose
+        notes += fit_projection(block, name, ranks[prefix + name], stats, decompose, method.data_free,
+                                out_dtype, prefix + name)  # fmt: skip
     return notes

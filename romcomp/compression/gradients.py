@@ -25,23 +25,24 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
-from romcomp.compress.activations import Boundary
-from romcomp.compress.engine import Engine, identity_block
-from romcomp.compress.memory import (
+from romcomp.compression.activations import Boundary
+from romcomp.compression.blocks import BlockIO
+from romcomp.compression.memory import (
     HEAD_CHUNK,
 )  # the head's logits: chunk × vocabulary, not window × vocabulary
+from romcomp.compression.runner import Runner, Streams
 from romcomp.errors import RomcompError
 from romcomp.model.checkpoint import atomic_save_safetensors
 from romcomp.model.discovery import materialized, module_name, text_config, top_level_names
+from romcomp.model.shell import identity_block
 
 GRAD_DIR = "gradients"
 
@@ -61,15 +62,15 @@ def _clone_args(value):
     return value
 
 
-def _head_tensors(engine: Engine, skip_input_embedding: bool) -> dict[str, torch.Tensor]:
+def _head_tensors(io: BlockIO, skip_input_embedding: bool) -> dict[str, torch.Tensor]:
     """Every top-level tensor the head step needs (final norm, output head, position tables); a tied head
     gets the embedding. With ``skip_input_embedding`` an untied model's input embedding stays on meta: the
     blocks are identities fed the stored hidden states, so its values are never used (a vocabulary ×
     hidden matrix less: 0.87 GiB for Qwen2.5-1.5B)."""
-    ckpt, arch = engine.ckpt, engine.arch
-    embed = f"{module_name(engine.model, engine.model.get_input_embeddings())}.weight"
+    ckpt, arch = io.ckpt, io.arch
+    embed = f"{module_name(io.model, io.model.get_input_embeddings())}.weight"
     names = top_level_names(ckpt, arch.blocks, None)
-    head = engine.model.get_output_embeddings()
+    head = io.model.get_output_embeddings()
     tied = head is not None and arch.lm_head and f"{arch.lm_head}.weight" not in names
     if skip_input_embedding and not tied:
         names = [n for n in names if n != embed]
@@ -85,12 +86,12 @@ def _takes(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
-def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: Boundary) -> float:
+def head_gradient(io: BlockIO, windows: torch.Tensor, last: Boundary, sink: Boundary) -> float:
     """``∂L_w/∂h`` of each window's mean next-token loss w.r.t. the last block's outputs ``h``, into
     ``sink``; returns the mean loss (a check against the model's own perplexity). The head runs on
     ``HEAD_CHUNK`` positions at a time where the family lets it (``logits_to_keep``), the gradients of the
     chunks' shares of the loss summed."""
-    layers = engine.layers
+    layers = io.layers
     fed: dict[str, torch.Tensor] = {}
 
     def feed(*args, **kwargs):
@@ -100,12 +101,12 @@ def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: B
         layer.forward = identity_block
     layers[-1].forward = feed
     predicted = windows.shape[1] - 1
-    chunk = HEAD_CHUNK if _takes(engine.model, "logits_to_keep") else predicted
-    embeds = _takes(engine.model, "inputs_embeds")  # then the input embedding is not needed at all
-    hidden = text_config(engine.model.config).hidden_size
+    chunk = HEAD_CHUNK if _takes(io.model, "logits_to_keep") else predicted
+    embeds = _takes(io.model, "inputs_embeds")  # then the input embedding is not needed at all
+    hidden = text_config(io.model.config).hidden_size
     losses = []
     try:
-        with materialized(engine.model, _head_tensors(engine, embeds)):
+        with materialized(io.model, _head_tensors(io, embeds)):
             for w in range(windows.shape[0]):
                 inputs = (
                     {"inputs_embeds": torch.zeros(1, windows.shape[1], hidden)}
@@ -117,7 +118,7 @@ def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: B
                 for start in range(0, predicted, chunk):
                     keep = torch.arange(start, min(start + chunk, predicted))
                     kwargs = {"logits_to_keep": keep} if chunk < predicted else {}
-                    logits = engine.model(**inputs, use_cache=False, **kwargs).logits
+                    logits = io.model(**inputs, use_cache=False, **kwargs).logits
                     logits = logits[0] if kwargs else logits[0, :-1]
                     targets = windows[w, keep + 1]
                     loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / predicted
@@ -131,20 +132,19 @@ def head_gradient(engine: Engine, windows: torch.Tensor, last: Boundary, sink: B
     return sum(losses) / len(losses)
 
 
-def block_gradients(engine: Engine, index: int, source: Boundary, grad_out: Boundary,
+def block_gradients(io: BlockIO, index: int, block: nn.Module, source: Boundary, grad_out: Boundary,
                     grad_in: Boundary | None, full: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Recompute block ``index`` on each window's input with autograd, back-propagate ``grad_out`` (the
-    gradient of its outputs), accumulate its linears' weight gradients and write its input gradient to
-    ``grad_in`` (None for block 0)."""
-    block = engine.load_block(index)
-    linears = {name: block.get_submodule(name) for name in engine.arch.linears}
+    """Recompute the loaded block ``index`` on each window's input with autograd, back-propagate
+    ``grad_out`` (the gradient of its outputs), accumulate its linears' weight gradients and write its
+    input gradient to ``grad_in`` (None for block 0)."""
+    linears = {name: block.get_submodule(name) for name in io.arch.linears}
     for p in block.parameters():
         p.requires_grad_(False)
     for linear in linears.values():
         linear.weight.requires_grad_(True)
     fisher = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
     total = {n: torch.zeros_like(m.weight) for n, m in linears.items()} if full else {}
-    args, kwargs = _clone_args(engine.block_calls[(index, 1)])
+    args, kwargs = _clone_args(io.block_calls[(index, 1)])
     for w in range(source.shape[0]):
         x = source.read(w, w + 1).clone().requires_grad_(grad_in is not None)
         out = block(x, *args, **kwargs)
@@ -159,7 +159,7 @@ def block_gradients(engine: Engine, index: int, source: Boundary, grad_out: Boun
             if not torch.isfinite(grads[-1]).all():
                 raise RomcompError(f"non-finite gradient below block {index} (window {w})")
             grad_in.write(w, grads[-1])
-    prefix = engine.arch.block_prefix(index)
+    prefix = io.arch.block_prefix(index)
     result = {f"{prefix}{n}.fisher_in": v for n, v in fisher.items()}
     result.update({f"{prefix}{n}.grad": v for n, v in total.items()})
     return result
@@ -187,14 +187,14 @@ class GradientStore(Mapping):
         return len(self.where)
 
 
-def gradient_pass(engine: Engine, work: Path, windows: torch.Tensor, n_blocks: int, progress: bool,
+def gradient_pass(io: BlockIO, work: Path, windows: torch.Tensor, n_blocks: int, progress: bool,
                   full: bool = False) -> GradientStore:  # fmt: skip
     """Run (or resume) the streamed gradient pass; returns ``{linear name + ".fisher_in": (d_in,)}`` and,
     with ``full``, ``{... + ".grad": (d_out, d_in)}`` for every block linear, read lazily."""
     todo = [i for i in range(n_blocks) if not gradients_path(work, i).exists()]
     if todo:
         gradients_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
-        _run(engine, work, windows, todo[-1] + 1, progress, full)
+        _run(io, work, windows, todo[-1] + 1, progress, full)
     return GradientStore(work, n_blocks)
 
 
@@ -206,50 +206,69 @@ def _grads(work: Path, index: int) -> Path:
     return work / GRAD_DIR / f"grad-{index:05d}.bin"
 
 
-def _run(engine: Engine, work: Path, windows: torch.Tensor, top: int, progress: bool, full: bool) -> None:
+@dataclass
+class ForwardSweep:
+    """The runner's work for the gradient pass's forward: every block's input kept on disk."""
+
+    io: BlockIO
+    work: Path
+    label: str = "gradients"
+
+    def sources(self, index: int) -> dict[str, Path]:
+        return {"acts": _acts(self.work, index)}
+
+    def sinks(self, index: int) -> dict[str, Path]:
+        return {"acts": _acts(self.work, index + 1)}
+
+    def process(self, index: int, block: nn.Module, sources: Streams, sinks: Streams) -> None:
+        self.io.forward(index, block, sources["acts"], sinks["acts"])
+
+    def finish(self, index: int, sources: Streams) -> None:
+        """Nothing to record: the reverse sweep reads every boundary."""
+
+
+@dataclass
+class ReverseSweep:
+    """The runner's work for the reverse sweep: block by block from the top, the gradient of each block's
+    input written for the block below, the linears' gradients cached per block."""
+
+    io: BlockIO
+    work: Path
+    full: bool
+    label: str = "gradients"
+    _tensors: dict[str, torch.Tensor] | None = None
+
+    def sources(self, index: int) -> dict[str, Path]:
+        return {"acts": _acts(self.work, index), "grad": _grads(self.work, index + 1)}
+
+    def sinks(self, index: int) -> dict[str, Path]:
+        return {"grad": _grads(self.work, index)} if index else {}
+
+    def process(self, index: int, block: nn.Module, sources: Streams, sinks: Streams) -> None:
+        self._tensors = block_gradients(self.io, index, block, sources["acts"], sources["grad"],
+                                        sinks.get("grad"), self.full)  # fmt: skip
+
+    def finish(self, index: int, sources: Streams) -> None:
+        atomic_save_safetensors(self._tensors, gradients_path(self.work, index))  # after grad_in is durable
+        self._tensors = None
+        for path in (_acts(self.work, index + 1), _grads(self.work, index + 1)):
+            os.remove(path)
+
+
+def _run(io: BlockIO, work: Path, windows: torch.Tensor, top: int, progress: bool, full: bool) -> None:
     """Forward to boundary ``top`` (reusing committed boundaries), the head, then the reverse pass down
-    to block 0; blocks at or above ``top`` are done (their gradient files exist)."""
-    batch = engine.batch_size
-    engine.batch_size = 1  # per-window calls: the reverse pass differentiates one window at a time
-    shape = (windows.shape[0], windows.shape[1], text_config(engine.model.config).hidden_size)
-    n_blocks = len(engine.layers)
-    bar = tqdm(total=2 * top, desc="gradients", unit="block", disable=not progress, file=sys.stderr)
-    try:
-        first = max((i for i in range(top + 1) if _acts(work, i).exists()), default=None)
-        if first is None:
-            source = Boundary.create(_acts(work, 0), shape, in_ram=False)
-            engine.capture_inputs(windows, [source])
-            source.commit()
-            first = 0
-        else:
-            engine.capture_inputs(windows, [])
-        bar.update(first)
-        for index in range(first, top):
-            source = Boundary.load(_acts(work, index), shape, in_ram=False)
-            sink = Boundary.create(_acts(work, index + 1), shape, in_ram=False)
-            engine.forward(index, engine.load_block(index), source, sink)
-            sink.commit()
-            engine.free_block(index)
-            bar.update(1)
-        if not _grads(work, top).exists():  # else: resuming the reverse pass below ``top``
-            if top != n_blocks:
-                raise RomcompError("the gradient cache is incomplete; rerun with --overwrite")
-            grad = Boundary.create(_grads(work, top), shape, in_ram=False)
-            head_gradient(engine, windows, Boundary.load(_acts(work, top), shape, in_ram=False), grad)
-            grad.commit()
-        for index in range(top - 1, -1, -1):
-            source = Boundary.load(_acts(work, index), shape, in_ram=False)
-            above = Boundary.load(_grads(work, index + 1), shape, in_ram=False)
-            below = Boundary.create(_grads(work, index), shape, in_ram=False) if index else None
-            tensors = block_gradients(engine, index, source, above, below, full)
-            if below is not None:
-                below.commit()
-            atomic_save_safetensors(tensors, gradients_path(work, index))
-            engine.free_block(index)
-            for path in (_acts(work, index + 1), _grads(work, index + 1)):
-                os.remove(path)
-            bar.update(1)
-        os.remove(_acts(work, 0))
-    finally:
-        engine.batch_size = batch
-        bar.close()
+    to block 0; blocks at or above ``top`` are done (their gradient files exist). Per-window calls (a
+    block I/O of its own with batch size 1): the reverse pass differentiates one window at a time."""
+    io = replace(io, batch_size=1, block_calls={})
+    runner = Runner(io, io.stream_shape(windows), in_ram=False, progress=progress)
+    first = max((i for i in range(top + 1) if _acts(work, i).exists()), default=None)
+    carry = runner.start(windows, {"acts": _acts(work, first or 0)}, fresh=first is None)
+    runner.run(ForwardSweep(io, work), range(first or 0, top), carry, total=2 * top, done=first or 0)
+    if not _grads(work, top).exists():  # else: resuming the reverse pass below ``top``
+        if top != len(io.layers):
+            raise RomcompError("the gradient cache is incomplete; rerun with --overwrite")
+        grad = Boundary.create(_grads(work, top), runner.shape, in_ram=False)
+        head_gradient(io, windows, Boundary.load(_acts(work, top), runner.shape, in_ram=False), grad)
+        grad.commit()
+    runner.run(ReverseSweep(io, work, full), range(top - 1, -1, -1), total=2 * top, done=top)
+    os.remove(_acts(work, 0))

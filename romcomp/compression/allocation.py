@@ -1,7 +1,7 @@
 """Rank allocation: how the parameter budget of ``--ratio`` is spread over the block linears.
 
 All functions are pure: shapes (and, for the data-driven schemes, each linear's output spectrum from the
-dense pre-pass, :mod:`romcomp.compress.profile`) in, ``{linear name: rank}`` out; a linear absent from the map
+dense pre-pass, :mod:`romcomp.compression.profile`) in, ``{linear name: rank}`` out; a linear absent from the map
 stays dense. Ratio convention (SVD-LLM's): ``ratio`` is the fraction of block-linear parameters removed.
 
 - ``uniform``: every linear at the same per-matrix ratio (SVD-LLM, ROM).
@@ -13,7 +13,7 @@ stays dense. Ratio convention (SVD-LLM's): ``ratio`` is the fraction of block-li
   dense (it then costs no more than its factors would).
 - ``asvd``: ASVD's sensitivity-based search — every linear measured at each of ASVD's candidate kept
   fractions, one linear at a time, and a binary search for the sensitivity threshold that meets the budget
-  (:func:`allocate_asvd`; the measurement is :mod:`romcomp.compress.sensitivity`).
+  (:func:`allocate_asvd`; the measurement is :mod:`romcomp.compression.sensitivity`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from romcomp.compress.ranks import LinearShape, allocate_uniform, uniform_rank
+from romcomp.compression.ranks import LinearShape, allocate_uniform, uniform_rank
 from romcomp.errors import BadInputError, RomcompError
 
 ENERGY_EXPONENT = 1.5

@@ -3,7 +3,7 @@
 ASVD (Yuan et al., 2023) compresses one linear at a time to each candidate parameter ratio and records
 the model's perplexity on calibration windows; its rank search then spends the budget where that damage
 is smallest
-(:func:`romcomp.compress.allocation.allocate_asvd`). A whole-model evaluation per (linear, candidate)
+(:func:`romcomp.compression.allocation.allocate_asvd`). A whole-model evaluation per (linear, candidate)
 is ``linears × candidates`` model forwards — 1,260 for SmolLM2-135M, hours on a CPU, and it needs the model
 in memory. Here the damage is measured where it happens, inside the dense pre-pass that already holds the
 block and its statistics: the linear is replaced by its rank-k output-optimal projection (ROM's local fit,
@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from romcomp.compress.activations import Boundary
-from romcomp.compress.allocation import ASVD_CANDIDATES
-from romcomp.compress.engine import Engine
-from romcomp.compress.ranks import uniform_rank
+from romcomp.compression.activations import Boundary
+from romcomp.compression.allocation import ASVD_CANDIDATES
+from romcomp.compression.blocks import BlockIO
+from romcomp.compression.ranks import uniform_rank
 from romcomp.methods.base import Factors
 
 WINDOWS = 8
@@ -34,7 +34,7 @@ tokens, i.e. 64k tokens; here 8 × the calibration length, 4k tokens at 512)."""
 
 
 def block_sensitivity(
-    engine: Engine,
+    io: BlockIO,
     index: int,
     block: nn.Module,
     source: Boundary,
@@ -46,8 +46,8 @@ def block_sensitivity(
     is restored before the next one is measured, so every measurement sees the dense block otherwise."""
     n = min(WINDOWS, source.shape[0])
     with torch.inference_mode():
-        inputs = [source.read(start, stop) for start, stop in engine.batches(n)]
-        reference = [engine.call_block(block, index, x) for x in inputs]
+        inputs = [source.read(start, stop) for start, stop in io.batches(n)]
+        reference = [io.call_block(block, index, x) for x in inputs]
         update = sum(float((y - x).double().pow(2).sum()) for x, y in zip(inputs, reference, strict=True))
         result = {}
         for name in names:
@@ -69,7 +69,7 @@ def block_sensitivity(
                     if bias is not None and f.bias is not None:
                         linear.bias.data = f.bias.to(bias.dtype)
                     err = sum(
-                        float((engine.call_block(block, index, x) - y).double().pow(2).sum())
+                        float((io.call_block(block, index, x) - y).double().pow(2).sum())
                         for x, y in zip(inputs, reference, strict=True)
                     )
                     damage.append(err / update if update > 0 else 0.0)

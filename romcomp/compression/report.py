@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from romcomp.api import CompressResult
-from romcomp.compress.experts import STARVED
-from romcomp.compress.memory import fmt_bytes
-from romcomp.compress.ranks import LinearShape
+from romcomp.compression.experts import STARVED
+from romcomp.compression.memory import fmt_bytes
+from romcomp.compression.ranks import LinearShape
+from romcomp.compression.result import CompressResult
 
 
 def kind(s: LinearShape) -> str:

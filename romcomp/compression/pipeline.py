@@ -1,0 +1,144 @@
+"""The whole compression run: prepare, choose ranks (a dense pre-pass where the allocation needs one),
+the gradient pass where the method needs one, the compression pass, then each output finalized."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from romcomp.compression.allocation import (
+    allocate_asvd,
+    allocate_auto,
+    allocate_last_n,
+    allocate_uniform,
+    allocate_v2,
+)
+from romcomp.compression.blocks import BlockIO
+from romcomp.compression.config import RunSpec
+from romcomp.compression.fit import BlockTimes, FitContext
+from romcomp.compression.gradients import gradient_pass
+from romcomp.compression.memory import peak_rss
+from romcomp.compression.output import OutputDir, check_out_dir
+from romcomp.compression.passes import Target, compress_blocks
+from romcomp.compression.prepare import Prepared, prepare, unfactorized_weights
+from romcomp.compression.ranks import linear_params
+from romcomp.compression.record import new_manifest, output_config
+from romcomp.compression.result import CompressResult
+from romcomp.errors import BadInputError
+from romcomp.model.checkpoint import LazyCheckpoint
+
+DATA_DRIVEN = {"auto": allocate_auto, "v2": allocate_v2, "asvd": allocate_asvd}
+"""Allocations that need the dense pre-pass's spectra (``asvd``: its sensitivities too)."""
+
+
+def run_spec(spec: RunSpec) -> list[CompressResult]:
+    """Every ratio of ``spec`` in one pass: one output directory per ratio, sharing the dense pre-pass,
+    each block's load and the dense activation stream (the error-aware fit's targets)."""
+    t_start = time.perf_counter()
+    for path in spec.out_paths():
+        check_out_dir(path, spec.overwrite)
+    p = prepare(spec, streams=len(spec.ratios) + int(spec.fit == "error-aware"))
+    targets: list[Target] = []
+    try:
+        targets += open_targets(p)
+        io = block_io(p, out_dtype=p.ckpt.get(f"{p.arch.block_prefix(0)}{p.arch.linears[0]}.weight").dtype)
+        ctx = FitContext(io, p.spec.method, dict(p.spec.options), p.spec.sequential, p.spec.calib_stream)
+        if any(not t.ranks for t in targets):
+            data_driven_ranks(p, targets, io)
+        if p.spec.method.gradients is not None:
+            ctx.gradients = gradient_pass(io, targets[0].output.work, p.windows, p.n_blocks, p.spec.progress,
+                                          full=p.spec.method.gradients == "full")  # fmt: skip
+        resumed = [len(t.manifest.blocks_done) for t in targets]
+        times = compress_blocks(ctx, p.spec.fit, targets, p.windows, p.mem.activations_in_ram, p.n_blocks,
+                                p.spec.progress)  # fmt: skip
+        finalize(p, targets, io)
+    finally:
+        for t in targets:
+            t.output.close()
+    cost = (time.perf_counter() - t_start, peak_rss(), unfactorized_weights(p.shell, p.arch))
+    return [result(p, t, r, n, times, *cost) for t, r, n in zip(targets, p.spec.ratios, resumed, strict=True)]
+
+
+def block_io(p: Prepared, out_dtype: torch.dtype = torch.float32) -> BlockIO:
+    """Block I/O over ``p``'s shell and checkpoint, batched as the memory plan says."""
+    return BlockIO(p.shell, p.arch, p.ckpt, p.mem.batch_size, out_dtype, getattr(torch, p.spec.compute_dtype))
+
+
+def open_targets(p: Prepared) -> list[Target]:
+    """One output directory per ratio, opened (or reopened to resume) with its manifest and rank map."""
+    targets = []
+    fixed = [fixed_ranks(p, ratio) for ratio in p.spec.ratios]  # None: chosen after the dense pre-pass
+    for ratio, path, ranks in zip(p.spec.ratios, p.spec.out_paths(), fixed, strict=True):
+        output = OutputDir(path, p.n_blocks)
+        targets.append(Target(output, None, {}))  # closed by the caller if the next line refuses
+        manifest = output.open(
+            new_manifest(p.spec, ratio, p.mem, p.calib_desc, p.source, ranks), p.spec.overwrite
+        )
+        targets[-1].manifest, targets[-1].ranks = manifest, manifest.ranks or ranks or {}
+    return targets
+
+
+def fixed_ranks(p: Prepared, ratio: float) -> dict[str, int] | None:
+    """An explicit map checked against the model's linears, a shape-only allocation, or None when the
+    allocation needs the dense pre-pass (``auto``, ``v2``, ``asvd``)."""
+    spec, shapes = p.spec, p.shapes
+    if spec.ranks is None:
+        if spec.allocation == "uniform":
+            return allocate_uniform(shapes, ratio)
+        if spec.allocation == "last-n":
+            block_of = {s.name: p.arch.block_index(s.name) for s in shapes}
+            return allocate_last_n(shapes, ratio, p.n_blocks, spec.last_n, block_of)
+        return None
+    known = {s.name: s for s in shapes}
+    unknown = sorted(set(spec.ranks) - set(known))
+    if unknown:
+        raise BadInputError(f"rank map names unknown linears: {', '.join(unknown[:5])}")
+    top = {n: min(s.d_in + int(s.bias), s.d_out) for n, s in known.items()}  # the outputs' possible rank
+    bad = [n for n, r in spec.ranks.items() if not 1 <= r <= top[n]]
+    if bad:
+        raise BadInputError(f"rank out of range for {', '.join(bad[:5])}")
+    return {n: int(r) for n, r in spec.ranks.items()}
+
+
+def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
+    """Ranks from the dense pre-pass's spectra (``auto``, ``v2``) or sensitivities (``asvd``), one pre-pass
+    for every ratio, fixed in each manifest once chosen: a resumed run reuses them (and the cached
+    spectra) instead of profiling."""
+    from romcomp.compression.profile import profile
+
+    t0 = time.perf_counter()
+    spectra = profile(io, targets[0].output, p.windows, p.mem.activations_in_ram, p.n_blocks, p.spec.progress,
+                      p.spec.allocation == "asvd")  # fmt: skip
+    seconds = round(time.perf_counter() - t0, 3)
+    for t in targets:
+        t.manifest.profile_seconds = seconds
+        if not t.ranks:
+            t.ranks = DATA_DRIVEN[p.spec.allocation](p.shapes, t.manifest.args["ratio"], spectra)
+            t.manifest.ranks = t.ranks
+            t.output.save_manifest(t.manifest)
+
+
+def finalize(p: Prepared, targets: list[Target], io: BlockIO) -> None:
+    """The top-level tensors, config, index and tokenizer of every output not finished before."""
+    for t, ratio in zip(targets, p.spec.ratios, strict=True):
+        if t.manifest.status != "complete":
+            t.output.copy_shard(p.n_blocks, io.top_level_names(p.tied), p.ckpt)
+            config = output_config(p.hf_config, p.spec, ratio, t.ranks, p.calib_desc, p.source.description)
+            t.output.finalize(config, p.source.path, t.manifest)
+
+
+def result(p: Prepared, t: Target, ratio: float, resumed: int, times: dict[int, BlockTimes], seconds: float,
+           peak: int, dense_other: tuple[str, ...]) -> CompressResult:  # fmt: skip
+    """The record of one output, read back from what was written."""
+    after = LazyCheckpoint(t.output.out)
+    dense, kept = linear_params(p.shapes, t.ranks)
+    return CompressResult(
+        out=t.output.out, source=p.source.description, source_dir=p.source.path, calibration=p.calib_desc,
+        ratio=ratio, method=p.spec.method.name, ranks=t.ranks, shapes=p.shapes,
+        params_before=p.ckpt.num_params(), params_after=after.num_params(),
+        bytes_before=p.ckpt.weight_bytes(), bytes_after=after.weight_bytes(), linear_before=dense,
+        linear_after=kept, seconds=seconds, peak_rss=peak, plan=p.mem, block_times=times,
+        notes=t.manifest.notes, resumed_blocks=resumed, allocation=p.spec.allocation_name, fit=p.spec.fit,
+        ratios=p.spec.ratios, dense_other=dense_other,
+    )  # fmt: skip

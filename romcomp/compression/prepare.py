@@ -1,0 +1,159 @@
+"""Everything cheap a streamed run needs, checked before any expensive work: the resolved source, the
+meta shell and lazy checkpoint, the discovered architecture, the shapes, the memory plan, the calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from threadpoolctl import threadpool_limits
+from transformers import AutoConfig, AutoTokenizer
+
+from romcomp.compression.config import RunSpec
+from romcomp.compression.experts import projection_shape
+from romcomp.compression.memory import MemoryPlan, ModelDims, plan
+from romcomp.compression.ranks import LinearShape
+from romcomp.errors import BadInputError
+from romcomp.methods.registry import methods_with
+from romcomp.model.archs import ArchSpec
+from romcomp.model.checkpoint import LazyCheckpoint
+from romcomp.model.discovery import discover, text_config
+from romcomp.model.layout import as_model_names
+from romcomp.model.shell import build_shell, is_encoder
+
+GRADIENT_COPIES = {None: 0, "fisher": 1, "full": 2}
+"""What the memory plan holds for a method's gradient pass, in weight-sized accumulators per linear."""
+
+
+@dataclass
+class Prepared:
+    """A run ready to stream: ``spec`` with its calibration shape filled in for this model."""
+
+    spec: RunSpec
+    source: Any
+    hf_config: Any
+    shell: torch.nn.Module
+    ckpt: LazyCheckpoint
+    arch: ArchSpec
+    n_blocks: int
+    shapes: list[LinearShape]
+    mem: MemoryPlan
+    windows: torch.Tensor
+    calib_desc: str
+    tied: bool
+
+
+def prepare(spec: RunSpec, streams: int = 1) -> Prepared:
+    """Resolve, verify and plan a run of ``spec`` (compression or analysis) with ``streams`` activation
+    streams; a bad input is refused here, before calibration."""
+    from calib import calibration_tokens_description, calibration_windows, load_calibration
+    from romcomp.model.sources import resolve_model
+
+    calib = load_calibration(spec.calib, spec.data_dir)
+    source = resolve_model(spec.model)
+    hf_config = AutoConfig.from_pretrained(source.path)
+    spec = spec.with_calibration(is_encoder(hf_config))
+    max_pos = getattr(text_config(hf_config), "max_position_embeddings", None)
+    if max_pos and spec.seq_len > max_pos:
+        raise BadInputError(f"--seq-len {spec.seq_len} exceeds the model's context of {max_pos} tokens")
+    shell = build_shell(hf_config)
+    ckpt = as_model_names(LazyCheckpoint(source.path), shell)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    ckpt.verify(
+        {n: tuple(t.shape) for n, t in shell.state_dict().items()}, {"lm_head.weight"} if tied else set()
+    )
+    arch = discover(shell, hf_config, ckpt)
+    _check_supported(spec, arch)
+    n_blocks = text_config(hf_config).num_hidden_layers
+    shapes = block_shapes(shell, arch, n_blocks)
+    dims = model_dims(hf_config, arch, shell, spec.method.decompose_outputs is not None)
+    grads = GRADIENT_COPIES[spec.method.gradients]
+    mem = plan(dims, spec.n_samples, spec.seq_len, spec.budget or default_budget(), streams,
+               spec.fit == "error-aware", spec.sequential, grads)  # fmt: skip
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+        threadpool_limits(spec.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    windows = calibration_windows(tokenizer, calib, spec.n_samples, spec.seq_len, spec.seed)
+    calib_desc = calibration_tokens_description(calib, spec.n_samples, spec.seq_len, spec.seed)
+    return Prepared(
+        spec, source, hf_config, shell, ckpt, arch, n_blocks, shapes, mem, windows, calib_desc, tied
+    )
+
+
+def _check_supported(spec: RunSpec, arch: ArchSpec) -> None:
+    """A model with fused MoE experts needs a method (and allocation) that can factor them."""
+    if not arch.experts:
+        return
+    if not spec.method.experts:
+        able = ", ".join(methods_with(lambda m: m.experts))
+        raise BadInputError(
+            f"--method {spec.method.name} cannot factor fused MoE experts, which this model has "
+            f"(romcomp streams gradients for nn.Linear leaves only); use one of: {able}"
+        )
+    if spec.allocation == "asvd" and spec.ranks is None:
+        raise BadInputError(
+            "--allocation asvd measures nn.Linear leaves only; this model has fused MoE experts"
+        )
+
+
+def block_shapes(model: torch.nn.Module, arch: ArchSpec, n_blocks: int) -> list[LinearShape]:
+    """Every compressible linear of every block, read from the meta shell (no weights needed)."""
+    shapes = []
+    layers = model.get_submodule(arch.blocks)
+    for i in range(n_blocks):
+        prefix = arch.block_prefix(i)
+        for name in arch.linears:
+            lin = layers[i].get_submodule(name)
+            shapes.append(LinearShape(prefix + name, lin.in_features, lin.out_features, lin.bias is not None))
+        for name in arch.experts:
+            n, d_in, d_out, bias = projection_shape(layers[i], name)
+            shapes.append(LinearShape(prefix + name, d_in, d_out, bias, count=n))
+    return shapes
+
+
+def unfactorized_weights(model: torch.nn.Module, arch: ArchSpec) -> tuple[str, ...]:
+    """Matrix-shaped block weights neither in ``nn.Linear`` leaves nor among the expert projections
+    romcomp factors (3-D experts of a module transformers' experts interface does not drive): dense."""
+    block = model.get_submodule(arch.blocks)[0]
+    linear = {f"{n}.weight" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear |= set(arch.experts)
+    return tuple(n for n, p in block.named_parameters() if p.dim() >= 2 and n not in linear)
+
+
+def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: bool) -> ModelDims:
+    """The sizes the memory plan needs; ``output_stats``: the method accumulates narrow outputs instead
+    of wide inputs for one-linear groups (as :meth:`romcomp.compression.fit.FitContext.by_output` decides)."""
+    block = model.get_submodule(arch.blocks)[0]
+    lins = [block.get_submodule(n) for n in arch.linears]
+    covs = []
+    for group in arch.groups:
+        first = block.get_submodule(group[0])
+        narrow = output_stats and len(group) == 1 and first.out_features < first.in_features
+        covs.append(first.out_features if narrow else first.in_features)
+    experts = [projection_shape(block, n) for n in arch.experts]
+    expert_covs = []
+    for n, d_in, d_out, bias in experts:
+        narrow = output_stats and d_out < d_in + int(bias)
+        expert_covs += [d_out if narrow else d_in] * n  # every expert's moment, held until its stage fits
+    cfg = text_config(hf_config)
+    return ModelDims(
+        hidden=cfg.hidden_size,
+        intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+        heads=cfg.num_attention_heads,
+        vocab=cfg.vocab_size,
+        block_params=sum(p.numel() for p in block.parameters()),
+        linear_shapes=tuple((lin.in_features, lin.out_features) for lin in lins)
+        + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
+        cov_dims=tuple(covs),
+        expert_covs=tuple(expert_covs),
+        linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
+        shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
+    )
+
+
+def default_budget() -> int:
+    """Without ``--max-ram``: 80% of the memory available now."""
+    return int(psutil.virtual_memory().available * 0.8)
