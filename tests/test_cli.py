@@ -1,8 +1,15 @@
-"""Bad input: one line on stderr, exit code 2, nothing written — before any expensive work."""
+"""Bad input: one line on stderr, exit code 2, nothing written — before any expensive work.
+
+The runs that stop before compressing (bad inputs, a missing ``--ratio``, the help pages) go through the
+CLI's entry point one after another in one fresh interpreter (:func:`cli_batch`): importing torch and
+transformers once instead of thirteen times is most of this module's time. A real ``python -m romcomp.cli``
+process still compresses and refuses a second run with other arguments.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +19,48 @@ import pytest
 from tests.conftest import REPO
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {"HF_HUB_OFFLINE": "1", "ROMCOMP_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    import os
+    return {**os.environ, **env}
 
-    env = {**os.environ, **env}
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "romcomp.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=env)  # fmt: skip
+                          timeout=300, cwd=cwd, env=_env())  # fmt: skip
+
+
+BATCH = """
+import contextlib, io, json, sys, traceback
+from romcomp.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = 0 if exc.code is None else exc.code
+        except BaseException:  # what the interpreter does with an uncaught exception: traceback, exit 1
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def cli_batch(runs: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Each argv through ``romcomp.cli.main`` (what ``python -m romcomp.cli`` runs), in order, in one fresh
+    interpreter: its exit code and what it printed. The interpreter itself must print nothing else on
+    stderr (an import-time warning, a message written past ``sys.stderr``), which a process of its own
+    per run would have shown among that run's lines."""
+    proc = subprocess.run([sys.executable, "-c", BATCH, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(runs)
+    return [subprocess.CompletedProcess(argv, *result) for argv, result in zip(runs, results, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +95,45 @@ def bad_cases(tiny: Path, gpt2: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, gpt2_dir, tmp_path, calib_text):
-    for args, message in bad_cases(tiny_llama, gpt2_dir):
-        out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def quick_runs(tiny_llama, gpt2_dir, calib_text, tmp_path_factory) -> dict[str, object]:
+    """The module's runs that stop before compressing, in one :func:`cli_batch`: each bad case (with its
+    own ``--out``), a missing ``--ratio``, ``compress --help`` and ``--help``."""
+    root = tmp_path_factory.mktemp("quick")
+    bad = []
+    for i, (args, message) in enumerate(bad_cases(tiny_llama, gpt2_dir)):
         # a valid calibration file first, so that only the bad argument can fail (a later --calib wins)
-        proc = cli(args[0], "--calib", str(calib_text), *args[1:], "--out", str(out), cwd=REPO)
+        bad.append(([args[0], "--calib", str(calib_text), *args[1:], "--out", str(root / f"out{i}")], message))
+    others = {"missing ratio": ["smollm2-135m"], "compress help": ["compress", "--help"], "help": ["--help"]}
+    procs = cli_batch([argv for argv, _ in bad] + list(others.values()), cwd=root)
+    return {
+        "bad": [(argv, message, proc) for (argv, message), proc in zip(bad, procs, strict=False)],
+        **dict(zip(others, procs[len(bad) :], strict=True)),
+    }
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(quick_runs):
+    assert len(quick_runs["bad"]) == 10
+    for argv, message, proc in quick_runs["bad"]:
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("romcomp: error:") and message in lines[0], (
-            args,
+            argv,
             lines,
         )
-        assert not out.exists(), args
+        assert proc.stdout == "", (argv, proc.stdout)
+        assert not Path(argv[-1]).exists(), argv
 
 
-def test_missing_ratio_is_a_usage_error(tmp_path):
-    proc = cli("smollm2-135m", cwd=tmp_path)
+def test_missing_ratio_is_a_usage_error(quick_runs):
+    proc = quick_runs["missing ratio"]
     assert proc.returncode == 2 and "--ratio" in proc.stderr
 
 
-def test_help_shows_examples(tmp_path):
-    proc = cli("compress", "--help", cwd=tmp_path)
+def test_help_shows_examples(quick_runs):
+    proc = quick_runs["compress help"]
     assert proc.returncode == 0 and "romcomp smollm2-135m --ratio 0.3 --max-ram 4GB" in proc.stdout
-    top = cli("--help", cwd=tmp_path)
+    top = quick_runs["help"]
     assert top.returncode == 0 and "compress" in top.stdout
 
 

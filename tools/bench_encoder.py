@@ -34,7 +34,7 @@ CONFIGS = {
 
 def held_out_texts(data_dir: Path) -> dict[str, list[str]]:
     """The evaluation sets: SNLI test sentences and held-out C4 documents (never calibration data)."""
-    from romcomp.evaluation.ppl import c4_heldout_texts, ppl_data_files
+    from romcomp.evaluation.perplexity import c4_heldout_texts, ppl_data_files
 
     sentences: list[str] = []
     with (data_dir / SNLI).open() as f:

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from romcomp.errors import RomcompError
+from romcomp.errors import USER_ERRORS
 
 app = typer.Typer(
     add_completion=False,
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "compress")
     try:
         app(args=args, prog_name="romcomp", standalone_mode=False)
-    except RomcompError as e:
+    except USER_ERRORS as e:
         typer.echo(f"romcomp: error: {e}", err=True)
         sys.exit(e.exit_code)
     except OSError as e:  # disk full, permissions, vanished files: one line, nothing marked done

@@ -1,8 +1,9 @@
 """Rank allocation: how the parameter budget of ``--ratio`` is spread over the block linears.
 
 All functions are pure: shapes (and, for the data-driven schemes, each linear's output spectrum from the
-dense pre-pass, :mod:`romcomp.compression.profile`) in, ``{linear name: rank}`` out; a linear absent from the map
-stays dense. Ratio convention (SVD-LLM's): ``ratio`` is the fraction of block-linear parameters removed.
+dense pre-pass, :mod:`romcomp.compression.profile`) in, ``{linear name: rank}`` out; a linear absent
+from the map stays dense. Ratio convention (SVD-LLM's): ``ratio`` is the fraction of block-linear
+parameters removed.
 
 - ``uniform``: every linear at the same per-matrix ratio (SVD-LLM, ROM).
 - ``last-n``: only the last N blocks, at the per-matrix ratio that removes the same total (LLM-ROM).

@@ -18,11 +18,10 @@ from torch import nn
 
 from romcomp.compression.activations import Boundary
 from romcomp.compression.memory import release_heap
-from romcomp.compression.stats import StopForward
 from romcomp.errors import RomcompError
 from romcomp.model.archs import ArchSpec
 from romcomp.model.checkpoint import LazyCheckpoint
-from romcomp.model.discovery import materialized, text_config, top_level_names
+from romcomp.model.discovery import StopForward, materialized, text_config, top_level_names
 from romcomp.model.shell import identity_block
 
 

@@ -23,9 +23,10 @@ from torch import nn
 from romcomp.compression.activations import Boundary
 from romcomp.compression.blocks import BlockIO, Tee, emit, rounded
 from romcomp.compression.experts import fit_experts
-from romcomp.compression.stats import CrossCollector, StopForward, collect_input_stats, collect_output_stats
+from romcomp.compression.stats import CrossCollector, collect_input_stats, collect_output_stats
 from romcomp.hf.modeling_romcomp import swap_linear
 from romcomp.methods import Decompose, Factors, GradStats, Method
+from romcomp.model.discovery import StopForward
 
 Group = tuple[str, ...]
 StatsFor = Callable[[Group, str], tuple[Any, Decompose]]

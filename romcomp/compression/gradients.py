@@ -4,7 +4,7 @@ FWSVD (and any method or allocation that weighs weights by the loss) needs ``∂
 over the calibration windows. The whole-model backward holds every block and every activation; here:
 
 1. **forward**: the dense model's block inputs for every window are written to disk, boundary after
-   boundary (the engine's :class:`Boundary` files), one block materialized at a time;
+   boundary (:class:`Boundary` files), one block materialized at a time;
 2. **head**: the final norm and output head run on the last boundary (every block replaced by an identity
    that hands the stored hidden states on, so the family's own code computes them) and the next-token
    cross-entropy of each window is differentiated to its hidden states;

@@ -41,14 +41,16 @@ def run_spec(spec: RunSpec) -> list[CompressResult]:
     p = prepare(spec, streams=len(spec.ratios) + int(spec.fit == "error-aware"))
     targets: list[Target] = []
     try:
-        targets += open_targets(p)
+        open_targets(p, targets)
         io = block_io(p, out_dtype=p.ckpt.get(f"{p.arch.block_prefix(0)}{p.arch.linears[0]}.weight").dtype)
-        ctx = FitContext(io, p.spec.method, dict(p.spec.options), p.spec.sequential, p.spec.calib_stream)
         if any(not t.ranks for t in targets):
             data_driven_ranks(p, targets, io)
+        gradients = None
         if p.spec.method.gradients is not None:
-            ctx.gradients = gradient_pass(io, targets[0].output.work, p.windows, p.n_blocks, p.spec.progress,
-                                          full=p.spec.method.gradients == "full")  # fmt: skip
+            gradients = gradient_pass(io, targets[0].output.work, p.windows, p.n_blocks, p.spec.progress,
+                                      full=p.spec.method.gradients == "full")  # fmt: skip
+        ctx = FitContext(io, p.spec.method, dict(p.spec.options), p.spec.sequential, p.spec.calib_stream,
+                         gradients)  # fmt: skip
         resumed = [len(t.manifest.blocks_done) for t in targets]
         times = compress_blocks(ctx, p.spec.fit, targets, p.windows, p.mem.activations_in_ram, p.n_blocks,
                                 p.spec.progress)  # fmt: skip
@@ -65,9 +67,9 @@ def block_io(p: Prepared, out_dtype: torch.dtype = torch.float32) -> BlockIO:
     return BlockIO(p.shell, p.arch, p.ckpt, p.mem.batch_size, out_dtype, getattr(torch, p.spec.compute_dtype))
 
 
-def open_targets(p: Prepared) -> list[Target]:
-    """One output directory per ratio, opened (or reopened to resume) with its manifest and rank map."""
-    targets = []
+def open_targets(p: Prepared, targets: list[Target]) -> None:
+    """One output directory per ratio, opened (or reopened to resume) with its manifest and rank map,
+    appended to ``targets`` as it is opened (the caller closes them all, also after a refusal)."""
     fixed = [fixed_ranks(p, ratio) for ratio in p.spec.ratios]  # None: chosen after the dense pre-pass
     for ratio, path, ranks in zip(p.spec.ratios, p.spec.out_paths(), fixed, strict=True):
         output = OutputDir(path, p.n_blocks)
@@ -76,7 +78,6 @@ def open_targets(p: Prepared) -> list[Target]:
             new_manifest(p.spec, ratio, p.mem, p.calib_desc, p.source, ranks), p.spec.overwrite
         )
         targets[-1].manifest, targets[-1].ranks = manifest, manifest.ranks or ranks or {}
-    return targets
 
 
 def fixed_ranks(p: Prepared, ratio: float) -> dict[str, int] | None:

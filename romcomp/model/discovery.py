@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from romcomp.compression.stats import StopForward
 from romcomp.errors import BadInputError
 from romcomp.model.archs import ArchSpec
 from romcomp.model.checkpoint import LazyCheckpoint
@@ -24,6 +23,11 @@ from romcomp.model.checkpoint import LazyCheckpoint
 OVERRIDES: dict[str, ArchSpec] = {}  # model_type -> a hand-written spec, for layouts discovery gets wrong
 TRACE_TOKENS = 8
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+class StopForward(Exception):
+    """Raised by a hook once everything a forward is run for has been seen: the rest of the model (or
+    block) is skipped."""
 
 
 def text_config(hf_config):
