@@ -10,6 +10,7 @@ marked slow, and every test not marked slow runs with an empty model cache and n
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -53,11 +54,12 @@ def real_model(alias: str) -> Path:
     try:
         return resolve_model(alias).path
     except RomcompError as err:
-        missing_real_data(f"real model {alias}", f"it is fetched into {paths.cache_dir()} on first use ({err})")
-        raise  # not reached: missing_real_data skips or fails
+        error = err
+    missing_real_data(f"real model {alias}", f"it is fetched into {paths.cache_dir()} on first use ({error})")
+    raise AssertionError("not reached: missing_real_data skips or fails")
 
 
-REAL_MODEL_FIXTURES = frozenset({"smol_dir", "compressed", "smol", "smol_gguf", "smollm2"})
+REAL_MODEL_FIXTURES = frozenset({"smol_dir", "compressed", "minilm_dir", "smol", "smol_gguf", "smollm2"})
 """Fixtures that load a real model (here and in the test modules): a test requesting one must be slow."""
 
 
@@ -249,10 +251,55 @@ def romcomp_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     )
 
 
+_CLI_BATCH = """
+import contextlib, io, json, sys, traceback
+from romcomp.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = 0 if exc.code is None else exc.code
+        except BaseException:  # what the interpreter does with an uncaught exception: traceback, exit 1
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def romcomp_cli_batch(
+    runs: list[list[str]], *, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 900
+) -> list[subprocess.CompletedProcess]:
+    """Each argv through ``romcomp.cli.main`` (what ``python -m romcomp.cli`` runs), in order, in ONE fresh
+    interpreter: per run its exit code, stdout and stderr, as :func:`romcomp_cli` would give them. An
+    interpreter's start (torch and transformers imported) costs more than a tiny model's compression, so
+    a test with many short runs (bad options, help pages) batches them. The interpreter itself must print
+    nothing else on stderr (an import-time warning, a message written past ``sys.stderr``), which a
+    process of its own per run would have shown among that run's lines."""
+    cmd = [sys.executable, "-c", _CLI_BATCH, json.dumps(runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(runs)
+    return [subprocess.CompletedProcess(argv, *result) for argv, result in zip(runs, results, strict=True)]
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """Real SmolLM2-135M (tests using it are ``slow``): skipped when it cannot be had, failed under CI."""
     return real_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """Real all-MiniLM-L6-v2 (tests using it are ``slow``): skipped when it cannot be had, failed under CI."""
+    return real_model("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Bad input: one line on stderr, exit code 2, nothing written — before any expensive work.
 
 The runs that stop before compressing (bad inputs, a missing ``--ratio``, the help pages) go through the
-CLI's entry point one after another in one fresh interpreter (:func:`cli_batch`): importing torch and
+CLI's entry point one after another in one fresh interpreter (``romcomp_cli_batch``): importing torch and
 transformers once instead of thirteen times is most of this module's time. A real ``python -m romcomp.cli``
 process still compresses and refuses a second run with other arguments.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, romcomp_cli_batch
 
 
 def _env() -> dict[str, str]:
@@ -27,40 +27,6 @@ def _env() -> dict[str, str]:
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "romcomp.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env=_env())  # fmt: skip
-
-
-BATCH = """
-import contextlib, io, json, sys, traceback
-from romcomp.cli import main
-
-results = []
-for argv in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exc:
-            code = 0 if exc.code is None else exc.code
-        except BaseException:  # what the interpreter does with an uncaught exception: traceback, exit 1
-            traceback.print_exc()
-            code = 1
-    results.append([code, out.getvalue(), err.getvalue()])
-print(json.dumps(results))
-"""
-
-
-def cli_batch(runs: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
-    """Each argv through ``romcomp.cli.main`` (what ``python -m romcomp.cli`` runs), in order, in one fresh
-    interpreter: its exit code and what it printed. The interpreter itself must print nothing else on
-    stderr (an import-time warning, a message written past ``sys.stderr``), which a process of its own
-    per run would have shown among that run's lines."""
-    proc = subprocess.run([sys.executable, "-c", BATCH, json.dumps(runs)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL)  # fmt: skip
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(runs)
-    return [subprocess.CompletedProcess(argv, *result) for argv, result in zip(runs, results, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +63,16 @@ def bad_cases(tiny: Path, gpt2: Path) -> list[tuple[list[str], str]]:
 
 @pytest.fixture(scope="module")
 def quick_runs(tiny_llama, gpt2_dir, calib_text, tmp_path_factory) -> dict[str, object]:
-    """The module's runs that stop before compressing, in one :func:`cli_batch`: each bad case (with its
+    """The module's runs that stop before compressing, in one ``romcomp_cli_batch``: each bad case (with its
     own ``--out``), a missing ``--ratio``, ``compress --help`` and ``--help``."""
     root = tmp_path_factory.mktemp("quick")
     bad = []
     for i, (args, message) in enumerate(bad_cases(tiny_llama, gpt2_dir)):
         # a valid calibration file first, so that only the bad argument can fail (a later --calib wins)
-        bad.append(([args[0], "--calib", str(calib_text), *args[1:], "--out", str(root / f"out{i}")], message))
+        argv = [args[0], "--calib", str(calib_text), *args[1:], "--out", str(root / f"out{i}")]
+        bad.append((argv, message))
     others = {"missing ratio": ["smollm2-135m"], "compress help": ["compress", "--help"], "help": ["--help"]}
-    procs = cli_batch([argv for argv, _ in bad] + list(others.values()), cwd=root)
+    procs = romcomp_cli_batch([argv for argv, _ in bad] + list(others.values()), cwd=root, env=_env())
     return {
         "bad": [(argv, message, proc) for (argv, message), proc in zip(bad, procs, strict=False)],
         **dict(zip(others, procs[len(bad) :], strict=True)),

@@ -100,7 +100,7 @@ def test_encoder_calibration_defaults_to_sentence_windows(tiny_bert, tmp_path, c
 
 
 @pytest.mark.slow
-def test_minilm_at_0_2_keeps_sentence_embeddings(tmp_path, data_dir):
+def test_minilm_at_0_2_keeps_sentence_embeddings(tmp_path, data_dir, minilm_dir):
     """all-MiniLM-L6-v2 (PyPI), 20% of its block linears removed with the defaults (C4, 512 × 64): the
     mean-pooled embeddings of held-out sentences (SNLI test) and documents (held-out C4) keep a mean
     cosine of at least 0.9 with the dense model's, and SNLI by a head on its frozen features stays well

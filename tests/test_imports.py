@@ -198,8 +198,17 @@ def _loaded_after(statement: str) -> list[str]:
 
 def test_import_romcomp_is_light():
     loaded = _loaded_after("import romcomp")
-    heavy = [m for m in loaded if m in ("romcomp.api", "romcomp.compression.engine")]
+    heavy = [m for m in loaded if m == "romcomp.api" or m.startswith("romcomp.compression")]
     assert not heavy, f"import romcomp loaded {heavy}"
+
+
+def test_romcomp_compress_stays_the_api_function():
+    """``romcomp.compress`` is the one-call API even after the pipeline package (``romcomp.compression``,
+    named apart for this reason) is imported: a submodule named ``compress`` would replace it."""
+    code = ("import romcomp; f = romcomp.compress; import romcomp.compression.pipeline; "
+            "assert romcomp.compress is f and callable(f), romcomp.compress; print('ok')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-1500:]
 
 
 def test_import_calib_loads_no_romcomp():

@@ -74,12 +74,13 @@ def _files(out: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "point,nth",
     [
-        ("profile", 10),  # the dense pre-pass, block 1 (seven linears per block)
-        ("calibration", 22),  # main pass, block 2 (the pre-pass accumulates 16 times, blocks 0-1 four)
+        # the fast tier keeps one kill in the fit and one in a write; the full suite runs all six
+        pytest.param("profile", 10, marks=pytest.mark.slow),  # the dense pre-pass, block 1 (seven linears)
+        pytest.param("calibration", 22, marks=pytest.mark.slow),  # main pass, block 2 (pre-pass: 16 batches)
         ("decomposition", 7),  # main pass, block 2 (blocks 0 and 1 fit six compressed linears)
         ("shard", 3),  # block 2's shard written under .tmp, not renamed
-        ("index", 1),  # every shard done, the index written but not renamed
-        ("config", 1),  # the very last rename
+        pytest.param("index", 1, marks=pytest.mark.slow),  # every shard done, the index not renamed
+        pytest.param("config", 1, marks=pytest.mark.slow),  # the very last rename
     ],
 )
 def test_sigkill_at_fixed_point_then_rerun_is_bit_identical(killable, tmp_path, point, nth):

