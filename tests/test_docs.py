@@ -91,7 +91,8 @@ def resolve_path(name: str) -> Path:
 
 
 def defines(module: Path, name: str) -> bool:
-    """Whether ``module`` binds ``name`` at top level (def, class, assignment, import)."""
+    """Whether ``module`` binds ``name`` at top level (def, class, assignment, import) or exports it in
+    ``__all__``."""
     tree = ast.parse(module.read_text())
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
@@ -106,6 +107,11 @@ def defines(module: Path, name: str) -> bool:
                 return True
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return True
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and isinstance(
+            node.value, (ast.List, ast.Tuple)
+        ):  # exported lazily (a module ``__getattr__``): ``romcomp.compress``
+            if any(isinstance(e, ast.Constant) and e.value == name for e in node.value.elts):
+                return True
     return False
 
 
