@@ -290,6 +290,23 @@ def romcomp_cli_batch(
     return [subprocess.CompletedProcess(argv, *result) for argv, result in zip(runs, results, strict=True)]
 
 
+def interrupt_after_freeing(monkeypatch, n: int) -> None:
+    """The ``n``-th block the runner frees raises KeyboardInterrupt right after it is freed, before the
+    pass records it (a Ctrl-C between a block's work and its manifest entry); ``monkeypatch.undo()``
+    restores the real ``free_block``."""
+    from romcomp.compression.blocks import BlockIO
+
+    real, calls = BlockIO.free_block, []
+
+    def interrupted(self, index: int) -> None:
+        real(self, index)
+        calls.append(index)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockIO, "free_block", interrupted)
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """Real SmolLM2-135M (tests using it are ``slow``): skipped when it cannot be had, failed under CI."""

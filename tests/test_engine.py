@@ -15,6 +15,7 @@ import romcomp
 from romcomp.api import run
 from romcomp.compression.config import CompressConfig
 from romcomp.errors import BadInputError, RomcompError
+from tests.conftest import interrupt_after_freeing
 
 SMALL = {"n_samples": 8, "seq_len": 64, "progress": False}
 
@@ -102,23 +103,13 @@ def test_interrupted_run_resumes_bit_identically(tiny_llama, tmp_path, calib, mo
     # uniform ranks: no dense pre-pass, so free_block counts main-pass blocks (kill tests cover the default)
     cfg = dict(model=str(tiny_llama), ratio=0.3, calib=calib, allocation="uniform", **SMALL)
     run(CompressConfig(out=tmp_path / "a", **cfg))
-    from romcomp.compression.blocks import BlockIO
-
-    original, calls = BlockIO.free_block, []
-
-    def crash_in_third(self, index):  # blocks 0 and 1 are recorded; block 2 is freed but not yet recorded
-        original(self, index)
-        calls.append(index)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(BlockIO, "free_block", crash_in_third)
+    interrupt_after_freeing(monkeypatch, 3)  # blocks 0 and 1 are recorded; block 2 is freed, not recorded
     with pytest.raises(KeyboardInterrupt):
         run(CompressConfig(out=tmp_path / "b", **cfg))
     assert not (tmp_path / "b" / "config.json").exists()  # incomplete output does not look complete
     manifest = json.loads((tmp_path / "b" / ".romcomp" / "manifest.json").read_text())
     assert manifest["blocks_done"] == [0, 1] and manifest["status"] == "running"
-    monkeypatch.setattr(BlockIO, "free_block", original)
+    monkeypatch.undo()
     result = run(CompressConfig(out=tmp_path / "b", **cfg))
     assert result.resumed_blocks == 2
     assert _files(tmp_path / "a") == _files(tmp_path / "b")

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from romcomp.api import run
-from romcomp.compression.blocks import BlockIO
 from romcomp.compression.config import CompressConfig
 from romcomp.errors import BadInputError
 from romcomp.methods import METHODS, Method, get_method
 from romcomp.methods.registry import register
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt_after_freeing
 
 TOY_FILE = '''
 """A toy method: the weight's truncated SVD with the factors scaled by ``gain`` and ``1/gain`` (the same
@@ -116,15 +115,7 @@ def test_resume_with_other_threads_is_refused_in_one_line(tiny_llama, tmp_path, 
     before = torch.get_num_threads()
     try:
         whole = run(CompressConfig(out=tmp_path / "whole", threads=1, **cfg))
-        real, calls = BlockIO.free_block, []
-
-        def crash_in_second(self, index):
-            real(self, index)
-            calls.append(index)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(BlockIO, "free_block", crash_in_second)
+        interrupt_after_freeing(monkeypatch, 2)
         with pytest.raises(KeyboardInterrupt):
             run(CompressConfig(out=tmp_path / "cut", threads=1, **cfg))
         monkeypatch.undo()
