@@ -185,3 +185,9 @@ def emit(out: torch.Tensor, sink: Boundary | Tee | None, start: int, stop: int) 
 def rounded(t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Round to the output dtype first: the calibration stream sees exactly what the saved model computes."""
     return t.to(out_dtype).float()
+
+
+def narrower_at_output(linear: nn.Linear) -> bool:
+    """Whether the outputs' moment (d_out²) is smaller than the augmented inputs' ((d_in + bias)²): then
+    statistics are accumulated on the output side (down_proj: 4096² instead of 11008² in Llama-2-7B)."""
+    return linear.out_features < linear.in_features + int(linear.bias is not None)

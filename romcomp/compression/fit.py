@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from romcomp.compression.activations import Boundary
-from romcomp.compression.blocks import BlockIO, Tee, emit, rounded
+from romcomp.compression.blocks import BlockIO, Tee, emit, narrower_at_output, rounded
 from romcomp.compression.experts import fit_experts
 from romcomp.compression.stats import CrossCollector, collect_input_stats, collect_output_stats
 from romcomp.hf.modeling_romcomp import swap_linear
@@ -67,12 +67,11 @@ class FitContext:
         return [[g] for g in groups] if self.sequential else [list(groups)]
 
     def by_output(self, block: nn.Module, group: Group) -> bool:
-        """Accumulate output moments for a one-linear group when that is the smaller covariance (and the
-        method can use it): down_proj's d_out² instead of d_in² (4096² vs 11008² in Llama-2-7B)."""
+        """Accumulate output moments for a one-linear group when that is the smaller covariance and the
+        method can use it (:func:`~romcomp.compression.blocks.narrower_at_output`)."""
         if self.method.decompose_outputs is None or len(group) != 1:
             return False
-        linear = block.get_submodule(group[0])
-        return linear.out_features < linear.in_features + int(linear.bias is not None)
+        return narrower_at_output(block.get_submodule(group[0]))
 
 
 def factor(

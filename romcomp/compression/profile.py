@@ -23,7 +23,7 @@ from torch import nn
 
 from romcomp.compression.activations import Boundary
 from romcomp.compression.allocation import LinearSpectrum
-from romcomp.compression.blocks import BlockIO, emit
+from romcomp.compression.blocks import BlockIO, emit, narrower_at_output
 from romcomp.compression.experts import expert_bias, expert_matrices, projection_shape
 from romcomp.compression.experts import narrow as experts_narrow
 from romcomp.compression.runner import Runner, Streams
@@ -84,7 +84,7 @@ def profile_block(
     ``sink``. With ``sensitivity``, also every linear's ASVD sensitivity per candidate
     (:mod:`romcomp.compression.sensitivity`)."""
     arch = io.arch
-    narrow = [g for g in arch.groups if len(g) == 1 and _narrow(block.get_submodule(g[0]))]
+    narrow = [g for g in arch.groups if len(g) == 1 and narrower_at_output(block.get_submodule(g[0]))]
     wide = [g for g in arch.groups if g not in narrow]
     energy = BlockEnergy()
     with (
@@ -218,10 +218,6 @@ def _padded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out[: a.numel()] += a
     out[: b.numel()] += b
     return out
-
-
-def _narrow(linear: nn.Linear) -> bool:
-    return linear.out_features < linear.in_features + int(linear.bias is not None)
 
 
 @dataclass
