@@ -169,6 +169,77 @@ def test_spilled_activations_give_identical_output(tiny_llama, tmp_path, calib, 
     result = run(CompressConfig(out=tmp_path / "disk", **cfg))
     assert not result.plan.activations_in_ram
     assert _files(tmp_path / "ram") == _files(tmp_path / "disk")
+    assert not list((tmp_path / "disk").rglob("tap-*"))  # the dense taps' scratch files are gone
+
+
+def _qwen15b_dims(narrow_outputs: bool):
+    """Qwen2.5-Coder-1.5B's sizes (hidden 1536, intermediate 8960, 12 heads, 2 KV heads, 151936 words)."""
+    from romcomp.compression.memory import ModelDims
+
+    h, i, kv = 1536, 8960, 256
+    down = i + 1 if not narrow_outputs else h  # the paired moments of down_proj: inputs, or outputs
+    shapes = ((h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h))
+    regressed = shapes if not narrow_outputs else shapes[:-1]
+    return ModelDims(hidden=h, intermediate=i, heads=12, vocab=151936, block_params=46_797_824,
+                     linear_shapes=shapes, cov_dims=(h, h, h, h), linear_inputs=(h, h, h, down - 1),
+                     shared_inputs=(h, h), cross_shapes=regressed)  # fmt: skip
+
+
+def test_default_fit_steps_down_under_a_tight_cap_instead_of_refusing():
+    """Qwen2.5-Coder-1.5B at 16 × 512 under 4 GB: the full error-aware fit does not fit (its down_proj
+    regression holds 8961² float64 squares), the error-aware fit with down_proj from paired outputs does;
+    a cap below even the local fit's needs is refused naming the local fit's minimum; a fit the user
+    named is never changed."""
+    from dataclasses import replace
+
+    from romcomp.compression.prepare import plan_or_fall_back
+
+    spec = CompressConfig(model="m", ratio=0.2, n_samples=16, seq_len=512, max_ram="4GB").resolve()
+    assert spec.fit == "error-aware" and not spec.fit_chosen
+    with pytest.raises(BadInputError):
+        plan_or_fall_back(replace(spec, fit_chosen=True), _qwen15b_dims, 2)
+    stepped, mem = plan_or_fall_back(spec, _qwen15b_dims, 2)
+    assert stepped.fit == "error-aware" and stepped.narrow_outputs and mem.estimate <= 4 * 10**9
+    assert "more than --max-ram 3.73 GiB: narrow linears fitted from their outputs" in stepped.fallback
+    from romcomp.compression.memory import estimate, peak_bytes
+
+    leanest = {n: peak_bytes(estimate(_qwen15b_dims(n), 16, 512, 1, False, 2, True)) for n in (False, True)}
+    local_min = peak_bytes(estimate(_qwen15b_dims(False), 16, 512, 1, False, 1, False))
+    assert local_min < leanest[True] < leanest[False]  # each step needs less
+    between = int((local_min + leanest[True]) / 2 * 1.05)  # the plan's margin
+    local, _ = plan_or_fall_back(replace(spec, budget=between), _qwen15b_dims, 2)
+    assert local.fit == "local" and "every linear fitted locally" in local.fallback
+    with pytest.raises(BadInputError, match="the smallest plan needs about"):
+        plan_or_fall_back(replace(spec, budget=10**9), _qwen15b_dims, 2)
+    roomy = replace(spec, budget=64 * 10**9)
+    assert plan_or_fall_back(roomy, _qwen15b_dims, 2)[0] == roomy  # room enough: nothing changes
+
+
+def test_fallback_runs_end_to_end_and_is_recorded(tiny_llama, tmp_path, calib, monkeypatch):
+    """A cap the full error-aware plan does not fit (simulated: the planner refuses it): the run completes
+    with down_proj fitted from paired outputs, the manifest and the header say so, and the model loads."""
+    import romcomp.compression.prepare as prepare
+    from romcomp.compression import memory
+    from romcomp.compression.pipeline import run_spec
+
+    real_plan = memory.plan
+
+    def tight(dims, n_samples, seq_len, budget, streams, cross, *args):
+        if cross and len(dims.cross_shapes) == len(dims.linear_shapes):  # down_proj regressed on inputs
+            raise BadInputError("--max-ram too small (simulated)")
+        return real_plan(dims, n_samples, seq_len, budget, streams, cross, *args)
+
+    monkeypatch.setattr(prepare, "plan", tight)
+    headers = []
+    spec = CompressConfig(model=str(tiny_llama), ratio=0.3, calib=calib, out=tmp_path / "o", **SMALL)
+    spec = spec.resolve()
+    (result,) = run_spec(spec, announce=lambda plan: headers.append(plan.header()))
+    manifest = json.loads((tmp_path / "o" / ".romcomp" / "manifest.json").read_text())
+    assert "narrow linears fitted from their outputs" in manifest["plan"]["fallback"]
+    assert manifest["args"]["narrow_outputs"] is True
+    assert "fallback: the error-aware fit needs about" in headers[0]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_disk_full_while_writing_a_block_loses_nothing(tiny_llama, tmp_path, calib, monkeypatch):

@@ -130,3 +130,58 @@ def test_fit_workspace_stays_within_the_memory_plan():
                          check=True).stdout.split()  # fmt: skip
     used, counted = int(out[0]), int(out[1])
     assert 0.5 * counted < used <= counted, (used, counted)
+
+
+def _out_err(fit, x_hat: torch.Tensor, target: torch.Tensor) -> float:
+    return float((outputs(fit, x_hat) - target).pow(2).sum() / target.pow(2).sum())
+
+
+def test_output_side_fit_picks_the_subspace_of_the_dense_outputs():
+    """A linear narrower at its output (down_proj) fits from paired output moments: ``y = W x + b`` of
+    the dense stream against ``ŷ = W x̂ + b`` of the compressed one. The chosen ``V_k`` must reproduce
+    the *dense* outputs better than ROM on either stream alone, and equal ROM by output when the streams
+    coincide (a wrong sign in ``S = D + Dᵀ + Σ_ŷ`` or a dropped term fails one of the two)."""
+    torch.manual_seed(3)
+    d_in, d_out, k = 40, 12, 4
+    for bias in (False, True):
+        w, b = torch.randn(d_out, d_in), (torch.randn(d_out) if bias else None)
+        x_hat = torch.randn(4000, d_in) * torch.logspace(0, -1, d_in)
+        mix = torch.randn(d_in, d_in) * 0.6
+        x = x_hat + x_hat @ mix.T  # the dense stream: the compressed one plus a large correlated error
+        y = x.double() @ w.double().T + (b.double() if bias else 0)
+        y_hat = x_hat.double() @ w.double().T + (b.double() if bias else 0)
+        fit = error_aware.decompose_outputs(w, b, cross_stats(y.float(), y_hat.float()), k)
+        rom = get_method("rom").decompose_outputs
+        own = InputStats.zeros(d_out)
+        accumulate(own, y_hat.float())
+        dense = InputStats.zeros(d_out)
+        accumulate(dense, y.float())
+        err = _out_err(fit, x_hat, y)
+        assert err < 0.97 * _out_err(rom(w, b, own, k), x_hat, y)
+        assert err < 0.97 * _out_err(rom(w, b, dense, k), x_hat, y)
+        same = error_aware.decompose_outputs(w, b, cross_stats(y_hat.float(), y_hat.float()), k)
+        torch.testing.assert_close(
+            outputs(same, x_hat), outputs(rom(w, b, own, k), x_hat), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_float32_correction_matches_float64_with_massive_activations(monkeypatch):
+    """The regression's correction ``W D (Σ̂ + δI)⁻¹`` in float32 (``SOLVE_DTYPE``) stays within 1e-3 of
+    the float64 one, relative to the correction itself, with two massive channels (100× the median) that
+    stretch Σ̂'s spectrum; with and without a bias column."""
+    torch.manual_seed(4)
+    d = 256
+    scale = torch.logspace(0, -1, d)
+    scale[[7, 100]] = 30.0
+    x_hat = torch.randn(6000, d) * scale
+    x = x_hat + x_hat @ (0.3 * torch.randn(d, d) / d**0.5).T + 0.05  # a correlated upstream error
+    for bias in (None, torch.randn(48)):
+        w = torch.randn(48, d)
+        maps = {}
+        for dtype in (torch.float32, torch.float64):
+            monkeypatch.setattr(error_aware, "SOLVE_DTYPE", dtype)
+            maps[dtype] = error_aware.target_map(w, bias, cross_stats(x, x_hat))
+        dense = error_aware.augmented_weight(w, bias)
+        correction = (maps[torch.float64] - dense).norm()
+        assert correction > 0.02 * dense.norm()  # a real correction to compare
+        assert (maps[torch.float32] - maps[torch.float64]).norm() < 1e-3 * correction

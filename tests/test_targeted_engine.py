@@ -134,7 +134,7 @@ def test_cli_options_allocation_fit_last_n_and_ratio_list(tiny4, tmp_path, calib
             "quantization_config"
         ]
         assert record["ratio"] == float(r)
-    assert proc.stdout.count("output       ") == 2
+    assert proc.stdout.count("output       ") == 3  # the header names both outputs, the summary each
 
 
 def test_allocation_asvd_measures_every_linear_and_meets_the_budget(tiny4, tmp_path, calib_text):

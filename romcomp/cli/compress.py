@@ -18,6 +18,8 @@ Examples:
 
   romcomp smollm2-135m --ratio 0.3 --max-ram 4GB
 
+  romcomp meta-llama/Llama-2-7b-hf --ratio 0.3 --max-ram 24GB --dry-run
+
   romcomp meta-llama/Llama-2-7b-hf --ratio 0.3 --max-ram 24GB --out llama2-7b-r0.3
 
   romcomp ./my-model --ratio 0.2 --calib wikitext2 --n-samples 64 --threads 2
@@ -93,10 +95,20 @@ def compress(
             "(small models)."
         ),
     ] = 0,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Only plan: resolve the model, read its headers and config, print the memory plan by "
+            "phase, the configuration --max-ram leads to and a time estimate (one block probed), write "
+            "nothing. A real run prints the same header before its first pass.",
+        ),
+    ] = False,
 ) -> None:
     """Compress MODEL by ROM, block by block, and write a directory transformers loads."""
-    from romcomp.api import run_many
     from romcomp.compression.config import CompressConfig
+    from romcomp.compression.pipeline import dry_run as plan_only
+    from romcomp.compression.pipeline import run_spec
     from romcomp.compression.report import summary
 
     cfg = CompressConfig(
@@ -105,9 +117,14 @@ def compress(
         fit=fit, allocation=allocation, last_n=last_n, density=density,
         threads=threads, overwrite=overwrite, progress=progress, compute_dtype=compute_dtype,
     )  # fmt: skip
+    spec = cfg.resolve()
     if ppl_windows > 0:
         _refuse_encoder_perplexity(model)
-    results = run_many(cfg)
+    if dry_run:
+        typer.echo(plan_only(spec).header())
+        typer.echo("dry run: nothing written")
+        return
+    results = run_spec(spec, announce=lambda plan: typer.echo(plan.header() + "\n"))
     for result in results:
         typer.echo(summary(result) + ("\n" if len(results) > 1 else ""))
     if ppl_windows > 0:

@@ -80,3 +80,18 @@ class Boundary:
 
     def release(self) -> None:
         self.ram = None
+
+
+class Scratch(Boundary):
+    """Per-sample values read back later in the same block (the dense model's stage inputs, see
+    :class:`romcomp.compression.fit.DenseTaps`): in memory, or in a plain file (page cache, not RSS) under
+    its own name from the start. Never durable and never resumed from: a killed run recomputes the block;
+    :meth:`close` deletes the file."""
+
+    @property
+    def _tmp(self) -> Path:
+        return self.path
+
+    def close(self) -> None:
+        self.ram = None
+        self.path.unlink(missing_ok=True)

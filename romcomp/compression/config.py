@@ -73,7 +73,8 @@ class CompressConfig:
         skip = ("ratio", "fit", "method", "max_ram", *option_names())
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return RunSpec(**given, ratios=ratios, method=method, fit=fit, options=_options(self, method),
-                       budget=parse_size(self.max_ram) if self.max_ram else None)  # fmt: skip
+                       budget=parse_size(self.max_ram) if self.max_ram else None,
+                       fit_chosen=self.fit is not None)  # fmt: skip
 
 
 def _ratios(ratio: float | str | Sequence[float]) -> tuple[float, ...]:
@@ -146,6 +147,9 @@ class RunSpec:
     overwrite: bool = False
     progress: bool = True
     ranks: dict[str, int] | None = field(default=None, hash=False)
+    fit_chosen: bool = True  # the user named the fit (else the method's default, which may fall back)
+    narrow_outputs: bool = False  # error-aware fit: narrow linears from paired outputs (memory fallback)
+    fallback: str = ""  # why the run fits otherwise than the default (the memory cap), one line
 
     @property
     def allocation_name(self) -> str:
@@ -178,7 +182,7 @@ class RunSpec:
         """The arguments that determine the output bytes (the resume check), ``threads`` included: torch's
         reductions split by thread count, so a resume with other threads would not be bit-identical."""
         skip = ("model", "out", "budget", "data_dir", "overwrite", "progress", "ratios", "method", "options",
-                "threads")  # fmt: skip
+                "threads", "fit_chosen", "fallback")  # fmt: skip
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {"method": self.method.name, **args, "fit": self.fit, **self.options, "ranks": self.ranks,
                 "ratios": list(self.ratios), "threads": threads}  # fmt: skip

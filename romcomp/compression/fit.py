@@ -12,18 +12,26 @@ Three strategies share one fitting loop (:func:`fit_stage`) and one apply step (
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from romcomp.compression.activations import Boundary
+from romcomp.compression.activations import Boundary, Scratch
 from romcomp.compression.blocks import BlockIO, Tee, emit, narrower_at_output, rounded
 from romcomp.compression.experts import fit_experts
-from romcomp.compression.stats import CrossCollector, collect_input_stats, collect_output_stats
+from romcomp.compression.stats import (
+    CrossCollector,
+    collect_input_stats,
+    collect_output_stats,
+    tap,
+    tap_width,
+)
 from romcomp.hf.modeling_romcomp import swap_linear
 from romcomp.methods import Decompose, Factors, GradStats, Method
 from romcomp.model.discovery import StopForward
@@ -60,16 +68,23 @@ class FitContext:
     sequential: bool = True
     calib_stream: str = "compressed"
     gradients: Mapping[str, torch.Tensor] | None = None  # the streamed gradient pass's (read lazily)
+    work: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # scratch files (DenseTaps)
+    in_ram: bool = True  # the memory plan keeps activations (and the dense taps) in RAM
+    cross_outputs: bool = False  # the error-aware fit pairs narrow linears' outputs (memory fallback)
 
     def stages(self) -> list[list[Group]]:
         """Linear groups fitted together: one at a time (each sees its predecessors compressed) or all."""
         groups = self.io.arch.groups
         return [[g] for g in groups] if self.sequential else [list(groups)]
 
-    def by_output(self, block: nn.Module, group: Group) -> bool:
+    def by_output(self, block: nn.Module, group: Group, cross: bool = False) -> bool:
         """Accumulate output moments for a one-linear group when that is the smaller covariance and the
-        method can use it (:func:`~romcomp.compression.blocks.narrower_at_output`)."""
-        if self.method.decompose_outputs is None or len(group) != 1:
+        method can use it (:func:`~romcomp.compression.blocks.narrower_at_output`): in the local fit, and
+        in the error-aware (``cross``) fit only when the memory plan asked for it (``cross_outputs``: the
+        regression's d_in² moments are what does not fit; it costs quality, see
+        :func:`romcomp.methods.error_aware.decompose_outputs`)."""
+        decompose = self.method.decompose_cross_outputs if cross else self.method.decompose_outputs
+        if decompose is None or len(group) != 1 or (cross and not self.cross_outputs):
             return False
         return narrower_at_output(block.get_submodule(group[0]))
 
@@ -144,9 +159,15 @@ def fit_local(ctx: FitContext, index: int, blocks: list[nn.Module], variants: Se
             collect_input_stats(blocks[0], by_input) as stats,
             collect_output_stats(blocks[0], [g[0] for g in by_output]) as out_stats,
         ):
-            dense_outputs = ctx.calib_stream == "dense" and n_stage == 0
-            sinks = Tee([v.sink for v in variants]) if dense_outputs else None
-            ctx.io.forward(index, blocks[0], variants[0].source, sinks)
+            if ctx.calib_stream == "dense" and n_stage == 0:  # its outputs are every variant's next inputs
+                ctx.io.forward(index, blocks[0], variants[0].source, Tee([v.sink for v in variants]))
+            else:  # only the statistics are wanted: stop once the stage's last leader has been seen
+                last = stage[-1]
+                handle = tap(blocks[0].get_submodule(last[0]), _stop, last in by_output)
+                try:
+                    ctx.io.forward_until_stopped(index, blocks[0], variants[0].source)
+                finally:
+                    handle.remove()
         times.forward += time.perf_counter() - t0
         t0 = time.perf_counter()
         targets = _local_targets(ctx, blocks, variants, by_output, stats, out_stats)
@@ -157,49 +178,109 @@ def fit_local(ctx: FitContext, index: int, blocks: list[nn.Module], variants: Se
     return notes
 
 
+def _stop(*_args) -> None:
+    """A hook that ends the forward (registered after the statistics hooks, so they run first)."""
+    raise StopForward
+
+
 def fit_error_aware(ctx: FitContext, index: int, dense: nn.Module, blocks: list[nn.Module],
                     variants: Sequence[Variant], dense_source: Boundary, dense_sink: Boundary | None,
                     times: BlockTimes) -> tuple[list[list[str]], bool]:  # fmt: skip
     """Each stage's linears regress the dense block's outputs on the compressed block's inputs.
 
-    Collect runs the dense block on the dense stream once per batch, shared by every variant, and each
-    compressed copy on its own stream; all stop at the stage's last leader, except the dense forward of
-    the last stage, which runs on and fills ``dense_sink`` (one dense forward saved). Returns the notes
-    and whether ``dense_sink`` was filled."""
+    The dense block runs once, to the end (filling ``dense_sink``), and its values at every leader
+    of the stages to fit are stored (:class:`DenseTaps`); then, stage by stage, each compressed copy runs
+    on its own stream up to the stage's last leader and pairs its values with the stored ones. Returns
+    the notes and whether ``dense_sink`` was filled (not when no stage has anything to fit)."""
     prefix = ctx.io.arch.block_prefix(index)
     notes: list[list[str]] = [[] for _ in variants]
-    stages = ctx.stages()
-    filled = False
-    for n_stage, stage in enumerate(stages):
+    todo = []
+    for stage in ctx.stages():
         names = [prefix + name for group in stage for name in group]
         active = [j for j, v in enumerate(variants) if any(n in v.ranks for n in names)]
-        if not active:
-            continue  # the whole stage stays dense in every variant: nothing to fit
-        t0 = time.perf_counter()
-        last = n_stage == len(stages) - 1
-        leaders = [g[0] for g in stage]
-        collector = CrossCollector(
-            dense, [blocks[j] for j in active], leaders, stop=True, stop_dense=not last
-        )
+        if active:  # else the whole stage stays dense in every variant: nothing to fit
+            todo.append((stage, active, {g[0] for g in stage if ctx.by_output(dense, g, cross=True)}))
+    if not todo:
+        return notes, False
+    t0 = time.perf_counter()
+    leaders = [g[0] for stage, _, _ in todo for g in stage]
+    taps = DenseTaps.record(
+        ctx, index, dense, dense_source, dense_sink, leaders, set().union(*(o for *_, o in todo))
+    )
+    times.forward += time.perf_counter() - t0
+    try:
+        for stage, active, outputs in todo:
+            t0 = time.perf_counter()
+            collector = CrossCollector([blocks[j] for j in active], [g[0] for g in stage], True, outputs)
+            try:
+                paired_forward(
+                    ctx.io, index, taps, collector, [(blocks[j], variants[j].source) for j in active]
+                )
+            finally:
+                collector.close()
+            times.forward += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            targets = [
+                _cross_target(ctx, blocks[j], variants[j].ranks, st, outputs)
+                for st, j in zip(collector.stats, active, strict=True)
+            ]
+            for j, extra in zip(active, fit_stage(ctx, prefix, stage, dense, targets), strict=True):
+                notes[j] += extra
+            del collector, targets
+            times.decompose += time.perf_counter() - t0
+    finally:
+        taps.close()
+    return notes, True
+
+
+@dataclass
+class DenseTaps:
+    """The dense block's values at the leaders the error-aware fit pairs (inputs, or outputs for a
+    linear narrower at its output), from one dense forward of the block: a stage then runs only the
+    compressed copies (the dense partial forwards of every stage, ~0.6 of a block forward, are saved).
+    Held like the activation stream: in memory when the plan keeps activations in RAM, else in scratch
+    files of the work directory (page cache)."""
+
+    values: dict[str, Scratch]
+
+    @classmethod
+    def record(cls, ctx: FitContext, index: int, dense: nn.Module, source: Boundary,
+               sink: Boundary | None, leaders: Sequence[str], outputs: set[str]) -> DenseTaps:  # fmt: skip
+        n, seq = source.shape[:2]
+        taps = cls({
+            name: Scratch.create(ctx.work / f"tap-{name}.bin", (n, seq, tap_width(dense, name, outputs)),
+                                 ctx.in_ram)
+            for name in leaders
+        })  # fmt: skip
+        at = [0]
+
+        def store(name: str, side: bool) -> Callable:
+            def hook(_m: nn.Module, args: tuple, *out) -> None:
+                value = (out[0] if side else args[0]).detach()
+                taps.values[name].write(at[0], value.reshape(-1, seq, value.shape[-1]))
+
+            return hook
+
+        handles = [tap(dense.get_submodule(n), store(n, n in outputs), n in outputs) for n in leaders]
         try:
-            sink = dense_sink if last else None
-            paired_forward(
-                ctx.io, index, dense, dense_source, sink, [(blocks[j], variants[j].source) for j in active]
-            )
-            filled = sink is not None
+            with ctx.io.calibration_mode():
+                for start, stop in ctx.io.batches(n):
+                    at[0] = start
+                    emit(ctx.io.call_block(dense, index, source.read(start, stop)), sink, start, stop)
+        except BaseException:
+            taps.close()
+            raise
         finally:
-            collector.close()
-        times.forward += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        targets = [
-            _cross_target(ctx, blocks[j], variants[j].ranks, st)
-            for st, j in zip(collector.stats, active, strict=True)
-        ]
-        for j, extra in zip(active, fit_stage(ctx, prefix, stage, dense, targets), strict=True):
-            notes[j] += extra
-        del collector, targets
-        times.decompose += time.perf_counter() - t0
-    return notes, filled
+            for h in handles:
+                h.remove()
+        return taps
+
+    def read(self, start: int, stop: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {name: self.values[name].read(start, stop) for name in names}
+
+    def close(self) -> None:
+        for v in self.values.values():
+            v.close()
 
 
 def _local_targets(ctx: FitContext, blocks: list[nn.Module], variants: Sequence[Variant],
@@ -221,30 +302,34 @@ def _local_targets(ctx: FitContext, blocks: list[nn.Module], variants: Sequence[
     return targets
 
 
-def _cross_target(ctx: FitContext, block: nn.Module, ranks: dict[str, int], stats: dict) -> StageTarget:
-    decompose = ctx.method.decompose_cross
+def _cross_target(ctx: FitContext, block: nn.Module, ranks: dict[str, int], stats: dict,
+                  outputs: set[str]) -> StageTarget:  # fmt: skip
+    """The error-aware fit's statistics: paired inputs, or paired outputs for the leaders in ``outputs``."""
+
+    def statistics(group: Group, _name: str) -> tuple[Any, Decompose]:
+        by_output = group[0] in outputs
+        return stats[group[0]], (
+            ctx.method.decompose_cross_outputs if by_output else ctx.method.decompose_cross
+        )
 
     def release(group: Group) -> None:
         stats[group[0]].hat.derived.clear()
 
-    return StageTarget(block, ranks, lambda group, _name: (stats[group[0]], decompose), release)
+    return StageTarget(block, ranks, statistics, release)
 
 
-def paired_forward(
-    io: BlockIO, index: int, dense: nn.Module, dense_source: Boundary, dense_sink: Boundary | None,
-    compressed: list[tuple[nn.Module, Boundary]],
-) -> None:  # fmt: skip
-    """Per batch: the dense forward (to ``dense_sink`` when it runs to the end), then each compressed
-    one; hooks pair their inputs and may stop a forward early."""
+def paired_forward(io: BlockIO, index: int, taps: DenseTaps, collector: CrossCollector,
+                   compressed: list[tuple[nn.Module, Boundary]]) -> None:  # fmt: skip
+    """Per batch: the stored dense values to ``collector``, then each compressed forward (its hooks pair
+    and may stop it early)."""
     with io.calibration_mode():
-        for start, stop in io.batches(dense_source.shape[0]):
-            for module, stream in [(dense, dense_source), *compressed]:
+        for start, stop in io.batches(compressed[0][1].shape[0]):
+            collector.pending = taps.read(start, stop, collector.stats[0])
+            for module, stream in compressed:
                 try:
-                    out = io.call_block(module, index, stream.read(start, stop))
+                    io.call_block(module, index, stream.read(start, stop))
                 except StopForward:
                     continue
-                if module is dense and dense_sink is not None:
-                    emit(out, dense_sink, start, stop)
 
 
 def fit_block_experts(

@@ -65,7 +65,9 @@ class ModelDims:
     block_params: int
     linear_shapes: tuple[tuple[int, int], ...]  # (d_in, d_out) of each block linear
     cov_dims: tuple[int, ...]  # width of each accumulated covariance (group input, or a narrow output)
-    linear_inputs: tuple[int, ...] = ()  # input width of each group (the error-aware fit's accumulators)
+    linear_inputs: tuple[int, ...] = ()  # width of each group's paired moments (the error-aware fit's)
+    cross_shapes: tuple[tuple[int, int], ...] | None = None  # linears the error-aware fit regresses on
+    # their inputs (None: all); the others pair their outputs (ROM's workspace)
     shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
     expert_covs: tuple[int, ...] = ()  # width of every expert's moment (all experts, projections of a block)
 
@@ -86,6 +88,7 @@ class MemoryPlan:
 
 WORKSPACE = "decomposition workspace (float64)"
 TEMPORARIES = "forward temporaries"
+TAPS = "dense taps (the error-aware fit's stored dense values)"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 GRADIENTS = "gradient pass (the head, or one block under autograd)"
 HEAD_CHUNK = (
@@ -124,6 +127,7 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
         "covariances (float64)": max(linear_covs, expert_covs),
         WORKSPACE: _workspace(dims, cross),
         "activation cache": act,
+        TAPS: sum(dims.linear_inputs) * seq_len * (n_samples if in_ram else batch) * f32 if cross else 0,
         TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
         + batch * dims.heads * seq_len * seq_len * f32 * 2,
         "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,
@@ -168,7 +172,8 @@ def _workspace(dims: ModelDims, cross: bool) -> int:
     rom = max(4 * min(s) ** 2 + 3 * max(s) * min(s) for s in dims.linear_shapes) * f64
     if not cross:
         return rom
-    fit = max(2 * (d_in + 1) ** 2 + 4 * d_out * (d_in + 1) for d_in, d_out in dims.linear_shapes) * f64
+    shapes = dims.linear_shapes if dims.cross_shapes is None else dims.cross_shapes
+    fit = max((2 * (d_in + 1) ** 2 + 4 * d_out * (d_in + 1) for d_in, d_out in shapes), default=0) * f64
     memo = max(((d + 1) ** 2 for d in dims.shared_inputs), default=0) * f64
     return max(rom, fit + memo)
 

@@ -98,6 +98,7 @@ class Manifest:
     plan: dict = field(default_factory=dict)  # the memory plan of the run that started the output
     block_times: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds per phase, RSS after
     profile_seconds: float = 0.0  # the dense pre-pass of a data-driven allocation (0: none, or resumed)
+    profile_times: dict[str, dict[str, float]] = field(default_factory=dict)  # per block: forward, spectra
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -13,7 +13,7 @@ import copy
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -136,6 +136,7 @@ class CompressPass:
 def compress_blocks(ctx: FitContext, fit: str, targets: Sequence[Target], windows: torch.Tensor, in_ram: bool,
                     n_blocks: int, progress: bool) -> dict[int, BlockTimes]:  # fmt: skip
     """The compression pass over the blocks no manifest records as done yet; returns their times."""
+    ctx = replace(ctx, work=targets[0].output.work, in_ram=in_ram)  # the dense taps' scratch
     work = CompressPass(ctx, fit, targets)
     first = min(min(set(range(n_blocks)) - set(t.manifest.blocks_done), default=n_blocks) for t in targets)
     if first < n_blocks:

@@ -1,9 +1,13 @@
 """The whole compression run: prepare, choose ranks (a dense pre-pass where the allocation needs one),
-the gradient pass where the method needs one, the compression pass, then each output finalized."""
+the gradient pass where the method needs one, the compression pass, then each output finalized.
+
+:func:`dry_run` stops after preparing: the :class:`~romcomp.compression.estimate.RunPlan` (memory plan,
+configuration, time estimate) a real run announces before its first pass (``run_spec(announce=...)``)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +20,7 @@ from romcomp.compression.allocation import (
 )
 from romcomp.compression.blocks import BlockIO
 from romcomp.compression.config import RunSpec
+from romcomp.compression.estimate import LinearCost, RunModel, RunPlan, estimate_time, probe
 from romcomp.compression.fit import BlockTimes, FitContext
 from romcomp.compression.gradients import gradient_pass
 from romcomp.compression.memory import peak_rss
@@ -25,6 +30,7 @@ from romcomp.compression.prepare import Prepared, prepare, unfactorized_weights
 from romcomp.compression.ranks import linear_params
 from romcomp.compression.record import new_manifest, output_config
 from romcomp.compression.result import CompressResult
+from romcomp.compression.runner import RunClock, whole_run
 from romcomp.errors import BadInputError
 from romcomp.model.checkpoint import LazyCheckpoint
 
@@ -32,34 +38,104 @@ DATA_DRIVEN = {"auto": allocate_auto, "v2": allocate_v2, "asvd": allocate_asvd}
 """Allocations that need the dense pre-pass's spectra (``asvd``: its sensitivities too)."""
 
 
-def run_spec(spec: RunSpec) -> list[CompressResult]:
+def run_spec(spec: RunSpec, announce: Callable[[RunPlan], None] | None = None) -> list[CompressResult]:
     """Every ratio of ``spec`` in one pass: one output directory per ratio, sharing the dense pre-pass,
-    each block's load and the dense activation stream (the error-aware fit's targets)."""
+    each block's load and the dense activation stream (the error-aware fit's targets).
+
+    ``announce`` receives the run's plan with its time estimate once the outputs are opened (a refusal
+    there comes first), before the first pass; the estimate (a probe of block 0, seconds) is made when it
+    is announced or a progress bar shows the whole run's ETA."""
     t_start = time.perf_counter()
     for path in spec.out_paths():
         check_out_dir(path, spec.overwrite)
-    p = prepare(spec, streams=len(spec.ratios) + int(spec.fit == "error-aware"))
+    p = prepare(spec, streams=streams(spec))
     targets: list[Target] = []
     try:
         open_targets(p, targets)
-        io = block_io(p, out_dtype=p.ckpt.get(f"{p.arch.block_prefix(0)}{p.arch.linears[0]}.weight").dtype)
-        if any(not t.ranks for t in targets):
-            data_driven_ranks(p, targets, io)
-        gradients = None
-        if p.spec.method.gradients is not None:
-            gradients = gradient_pass(io, targets[0].output.work, p.windows, p.n_blocks, p.spec.progress,
-                                      full=p.spec.method.gradients == "full")  # fmt: skip
-        ctx = FitContext(io, p.spec.method, dict(p.spec.options), p.spec.sequential, p.spec.calib_stream,
-                         gradients)  # fmt: skip
-        resumed = [len(t.manifest.blocks_done) for t in targets]
-        times = compress_blocks(ctx, p.spec.fit, targets, p.windows, p.mem.activations_in_ram, p.n_blocks,
-                                p.spec.progress)  # fmt: skip
-        finalize(p, targets, io)
+        with whole_run(run_clock(p, announce)):
+            io = block_io(p, out_dtype=source_dtype(p))
+            if any(not t.ranks for t in targets):
+                data_driven_ranks(p, targets, io)
+            gradients = None
+            if p.spec.method.gradients is not None:
+                gradients = gradient_pass(io, targets[0].output.work, p.windows, p.n_blocks,
+                                          p.spec.progress, p.spec.method.gradients == "full")  # fmt: skip
+            ctx = FitContext(io, p.spec.method, dict(p.spec.options), p.spec.sequential,
+                             p.spec.calib_stream, gradients,
+                             cross_outputs=p.spec.narrow_outputs)  # fmt: skip
+            resumed = [len(t.manifest.blocks_done) for t in targets]
+            times = compress_blocks(ctx, p.spec.fit, targets, p.windows, p.mem.activations_in_ram,
+                                    p.n_blocks, p.spec.progress)  # fmt: skip
+            finalize(p, targets, io)
     finally:
         for t in targets:
             t.output.close()
     cost = (time.perf_counter() - t_start, peak_rss(), unfactorized_weights(p.shell, p.arch))
     return [result(p, t, r, n, times, *cost) for t, r, n in zip(targets, p.spec.ratios, resumed, strict=True)]
+
+
+def run_clock(p: Prepared, announce: Callable[[RunPlan], None] | None) -> RunClock | None:
+    """Plan the run, announce the plan, and start the whole run's clock from its estimate; nothing (no
+    probe) when neither an announcement nor a progress bar would show it."""
+    if announce is None and not p.spec.progress:
+        return None
+    planned = plan_run(p)
+    if announce is not None:
+        announce(planned)
+    return RunClock(planned.time.seconds())
+
+
+def streams(spec: RunSpec) -> int:
+    """Activation streams a run keeps: one compressed per ratio, plus the dense one (error-aware fit)."""
+    return len(spec.ratios) + int(spec.fit == "error-aware")
+
+
+def dry_run(spec: RunSpec) -> RunPlan:
+    """``--dry-run``: check the outputs and prepare (model resolved, headers verified, memory planned,
+    calibration tokenized), probe block 0 for the time estimate, and return the plan; nothing is written
+    and no pass runs. A budget too small is refused here, as a real run would be."""
+    for path in spec.out_paths():
+        check_out_dir(path, spec.overwrite)
+    return plan_run(prepare(spec, streams=streams(spec)))
+
+
+def plan_run(p: Prepared) -> RunPlan:
+    """The plan of the prepared run ``p`` with its time estimate (block 0 probed: seconds)."""
+    spec = p.spec
+    estimate = estimate_time(run_model(p), probe(block_io(p, source_dtype(p)), p.windows))
+    return RunPlan(
+        source=p.source.description, calibration=p.calib_desc, method=spec.method.name, fit=spec.fit,
+        allocation=spec.allocation_name, ratios=spec.ratios, calib_stream=spec.calib_stream,
+        n_blocks=p.n_blocks, n_samples=spec.n_samples, mem=p.mem, budget_given=spec.budget is not None,
+        outputs=tuple(spec.out_paths()), time=estimate, fallback=spec.fallback,
+    )  # fmt: skip
+
+
+def run_model(p: Prepared) -> RunModel:
+    """What the time estimate needs to know about the run ``p``: sizes, passes, fit, block linears."""
+    spec = p.spec
+    prefix = p.arch.block_prefix(0)
+    alone = {prefix + g[0] for g in p.arch.groups if len(g) == 1}
+    linears = tuple(
+        LinearCost(s.d_in, s.d_out, s.count, s.name in alone and s.d_out < s.d_in + int(s.bias))
+        for s in p.shapes
+        if s.name.startswith(prefix)
+    )
+    fixed = [fixed_ranks(p, ratio) for ratio in spec.ratios]
+    share = 1.0 if fixed[0] is None else len(fixed[0]) / len(p.shapes)
+    return RunModel(
+        n_blocks=p.n_blocks, windows=spec.n_samples, seq_len=spec.seq_len, linears=linears, fit=spec.fit,
+        n_ratios=len(spec.ratios), calib_stream=spec.calib_stream,
+        stages=len(p.arch.groups) if spec.sequential else 1, profile=fixed[0] is None,
+        sensitivity=fixed[0] is None and spec.allocation == "asvd",
+        gradients=spec.method.gradients is not None, output_stats=spec.method.decompose_outputs is not None,
+        cross_outputs=spec.narrow_outputs, compressed=share,
+    )  # fmt: skip
+
+
+def source_dtype(p: Prepared) -> torch.dtype:
+    """The checkpoint's dtype (of the first block linear): factors and shards are rounded to it."""
+    return p.ckpt.get(f"{p.arch.block_prefix(0)}{p.arch.linears[0]}.weight").dtype
 
 
 def block_io(p: Prepared, out_dtype: torch.dtype = torch.float32) -> BlockIO:
@@ -106,14 +182,16 @@ def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
     """Ranks from the dense pre-pass's spectra (``auto``, ``v2``) or sensitivities (``asvd``), one pre-pass
     for every ratio, fixed in each manifest once chosen: a resumed run reuses them (and the cached
     spectra) instead of profiling."""
-    from romcomp.compression.profile import profile
+    from romcomp.compression.profile import profile, profile_times
 
     t0 = time.perf_counter()
     spectra = profile(io, targets[0].output, p.windows, p.mem.activations_in_ram, p.n_blocks, p.spec.progress,
                       p.spec.allocation == "asvd")  # fmt: skip
     seconds = round(time.perf_counter() - t0, 3)
+    per_block = profile_times(targets[0].output.work, p.n_blocks)
     for t in targets:
         t.manifest.profile_seconds = seconds
+        t.manifest.profile_times = per_block
         if not t.ranks:
             t.ranks = DATA_DRIVEN[p.spec.allocation](p.shapes, t.manifest.args["ratio"], spectra)
             t.manifest.ranks = t.ranks

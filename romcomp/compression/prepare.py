@@ -3,7 +3,8 @@ meta shell and lazy checkpoint, the discovered architecture, the shapes, the mem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psutil
@@ -11,9 +12,18 @@ import torch
 from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoTokenizer
 
+from romcomp.compression.blocks import narrower_at_output
 from romcomp.compression.config import RunSpec
 from romcomp.compression.experts import projection_shape
-from romcomp.compression.memory import MemoryPlan, ModelDims, plan
+from romcomp.compression.memory import (
+    PLAN_MARGIN,
+    MemoryPlan,
+    ModelDims,
+    estimate,
+    fmt_bytes,
+    peak_bytes,
+    plan,
+)
 from romcomp.compression.ranks import LinearShape
 from romcomp.errors import BadInputError
 from romcomp.methods.registry import methods_with
@@ -22,6 +32,9 @@ from romcomp.model.checkpoint import LazyCheckpoint
 from romcomp.model.discovery import discover, text_config
 from romcomp.model.layout import as_model_names
 from romcomp.model.shell import build_shell, is_encoder
+
+DimsFor = Callable[[bool], ModelDims]
+"""The model's sizes for the plan, by whether the error-aware fit pairs narrow linears' outputs."""
 
 GRADIENT_COPIES = {None: 0, "fisher": 1, "full": 2}
 """What the memory plan holds for a method's gradient pass, in weight-sized accumulators per linear."""
@@ -68,10 +81,10 @@ def prepare(spec: RunSpec, streams: int = 1) -> Prepared:
     _check_supported(spec, arch)
     n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
-    dims = model_dims(hf_config, arch, shell, spec.method.decompose_outputs is not None)
-    grads = GRADIENT_COPIES[spec.method.gradients]
-    mem = plan(dims, spec.n_samples, spec.seq_len, spec.budget or default_budget(), streams,
-               spec.fit == "error-aware", spec.sequential, grads)  # fmt: skip
+    spec, mem = plan_or_fall_back(
+        spec, lambda narrow: model_dims(hf_config, arch, shell, spec.method.decompose_outputs is not None,
+                                        narrow), streams
+    )  # fmt: skip
     if spec.threads:
         torch.set_num_threads(spec.threads)
         threadpool_limits(spec.threads)  # scipy's BLAS/LAPACK (syrk, eigh) has its own pool
@@ -81,6 +94,45 @@ def prepare(spec: RunSpec, streams: int = 1) -> Prepared:
     return Prepared(
         spec, source, hf_config, shell, ckpt, arch, n_blocks, shapes, mem, windows, calib_desc, tied
     )
+
+
+def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSpec, MemoryPlan]:
+    """The memory plan of ``spec``. When the method's default error-aware fit does not fit the cap, the
+    run steps down rather than refusing, and says why in ``spec.fallback``: first the error-aware fit
+    with narrow linears (``down_proj``) fitted from paired *outputs* (no d_in² regression moments), then
+    the local fit (no dense stream). A fit the user named is planned as given (refused if it does not
+    fit). ``dims(narrow_outputs)`` gives the model's sizes for either error-aware variant."""
+    budget = spec.budget or default_budget()
+    grads = GRADIENT_COPIES[spec.method.gradients]
+
+    def planned(s: RunSpec, n_streams: int) -> MemoryPlan:
+        return plan(dims(s.narrow_outputs), s.n_samples, s.seq_len, budget, n_streams,
+                    s.fit == "error-aware", s.sequential, grads)  # fmt: skip
+
+    try:
+        return spec, planned(spec, streams)
+    except BadInputError as refused:
+        if spec.fit_chosen or spec.fit != "error-aware":
+            raise
+        first = refused
+    full = int(peak_bytes(estimate(dims(False), spec.n_samples, spec.seq_len, 1, False, streams, True,
+                                   spec.sequential, grads)) * (1 + PLAN_MARGIN))  # fmt: skip
+    why = f"the error-aware fit needs about {fmt_bytes(full)}, more than --max-ram {fmt_bytes(budget)}: "
+    steps = []
+    if spec.method.decompose_cross_outputs is not None:
+        steps.append(
+            (replace(spec, narrow_outputs=True), streams, "narrow linears fitted from their outputs")
+        )
+    if "local" in spec.method.fits:
+        steps.append((replace(spec, fit="local"), streams - 1, "every linear fitted locally"))
+    for step, n_streams, what in steps:
+        try:
+            mem = planned(step, n_streams)
+        except BadInputError as refused:
+            first = refused  # the leanest step's refusal names the smallest budget that would work
+            continue
+        return replace(step, fallback=why + what), mem
+    raise first
 
 
 def _check_supported(spec: RunSpec, arch: ArchSpec) -> None:
@@ -123,16 +175,21 @@ def unfactorized_weights(model: torch.nn.Module, arch: ArchSpec) -> tuple[str, .
     return tuple(n for n, p in block.named_parameters() if p.dim() >= 2 and n not in linear)
 
 
-def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: bool) -> ModelDims:
-    """The sizes the memory plan needs; ``output_stats``: the method accumulates narrow outputs instead
-    of wide inputs for one-linear groups (as :meth:`romcomp.compression.fit.FitContext.by_output` decides)."""
+def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: bool,
+               cross_outputs: bool = False) -> ModelDims:  # fmt: skip
+    """The sizes the memory plan needs; ``output_stats`` / ``cross_outputs``: the method accumulates
+    narrow outputs instead of wide inputs for one-linear groups in the local / error-aware fit (as
+    :meth:`romcomp.compression.fit.FitContext.by_output` decides)."""
     block = model.get_submodule(arch.blocks)[0]
     lins = [block.get_submodule(n) for n in arch.linears]
-    covs = []
+    covs, paired, regressed = [], [], []
     for group in arch.groups:
         first = block.get_submodule(group[0])
-        narrow = output_stats and len(group) == 1 and first.out_features < first.in_features
-        covs.append(first.out_features if narrow else first.in_features)
+        narrow = len(group) == 1 and narrower_at_output(first)
+        covs.append(first.out_features if narrow and output_stats else first.in_features)
+        paired.append(first.out_features if narrow and cross_outputs else first.in_features)
+        if not (narrow and cross_outputs):
+            regressed += [block.get_submodule(n) for n in group]
     experts = [projection_shape(block, n) for n in arch.experts]
     expert_covs = []
     for n, d_in, d_out, bias in experts:
@@ -149,7 +206,9 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
         cov_dims=tuple(covs),
         expert_covs=tuple(expert_covs),
-        linear_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups),
+        linear_inputs=tuple(paired),
+        cross_shapes=tuple((lin.in_features, lin.out_features) for lin in regressed)
+        + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
         shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
     )
 

@@ -10,6 +10,7 @@ and a resumed main pass does not repeat it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -87,6 +89,7 @@ def profile_block(
     narrow = [g for g in arch.groups if len(g) == 1 and narrower_at_output(block.get_submodule(g[0]))]
     wide = [g for g in arch.groups if g not in narrow]
     energy = BlockEnergy()
+    t0 = time.perf_counter()
     with (
         collect_input_stats(block, wide) as stats,
         collect_output_stats(block, [g[0] for g in narrow]) as out_stats,
@@ -99,10 +102,12 @@ def profile_block(
             energy.in0 += float(current["x"].double().pow(2).sum())
             emit(io.call_block(block, index, current["x"]), sink, start, stop)
         tokens = source.shape[0] * source.shape[1]
+        t1 = time.perf_counter()
         eig = _block_spectra(block, arch, narrow, stats, out_stats, keep_roots=sensitivity)
         for name in arch.experts:
             eig[name] = experts_spectrum(block, name, expert_stats, tokens)
     result: dict[str, torch.Tensor] = {"tokens": torch.tensor(float(tokens), dtype=torch.float64)}
+    result["seconds.forward"] = torch.tensor(t1 - t0, dtype=torch.float64)  # forwards + statistics
     prefix = arch.block_prefix(index)
     if sensitivity:
         damage = block_sensitivity(
@@ -112,6 +117,7 @@ def profile_block(
     for name, share in _sublayer_shares(arch, eig, energy, tokens).items():
         result[f"{prefix}{name}.eigvals"] = eig[name]
         result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
+    result["seconds.spectra"] = torch.tensor(time.perf_counter() - t1, dtype=torch.float64)
     return result
 
 
@@ -264,11 +270,25 @@ def profile(io: BlockIO, output, windows: torch.Tensor, in_ram: bool, n_blocks: 
     return load_spectra(work, n_blocks)
 
 
+def profile_times(work: Path, n_blocks: int) -> dict[str, dict[str, float]]:
+    """Seconds per block of the pre-pass (``forward``: forwards and statistics, which scale with the
+    calibration tokens; ``spectra``: eigensolves and sensitivities, which do not), from its cache."""
+    times = {}
+    for i in range(n_blocks):
+        with safe_open(str(spectra_path(work, i)), "pt") as f:
+            if "seconds.forward" in f.keys():
+                times[str(i)] = {
+                    k: round(float(f.get_tensor(f"seconds.{k}")), 3) for k in ("forward", "spectra")
+                }
+    return times
+
+
 def load_spectra(work: Path, n_blocks: int) -> dict[str, LinearSpectrum]:
     spectra: dict[str, LinearSpectrum] = {}
     for i in range(n_blocks):
         t = load_file(str(spectra_path(work, i)))
         tokens = int(t.pop("tokens"))
+        t.pop("seconds.forward", None), t.pop("seconds.spectra", None)
         for key in [k for k in t if k.endswith(".eigvals")]:
             name = key[: -len(".eigvals")]
             found = t.get(f"{name}.sensitivity")

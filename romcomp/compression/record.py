@@ -33,6 +33,7 @@ def new_manifest(spec: RunSpec, ratio: float, mem: MemoryPlan, calib_desc: str, 
             "estimate": mem.estimate,
             "batch_size": mem.batch_size,
             "activations_in_ram": mem.activations_in_ram,
+            **({"fallback": spec.fallback} if spec.fallback else {}),
         },
     )
 

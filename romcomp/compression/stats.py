@@ -12,7 +12,7 @@ chunks are summed into float64 accumulators so that nothing is lost over tens of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -143,43 +143,45 @@ def accumulate_cross(stats: CrossStats, x: torch.Tensor, x_hat: torch.Tensor) ->
     accumulate(stats.hat, x_hat)
 
 
-class CrossCollector:
-    """Paired input statistics of the leaders of some linear groups: a dense block against one or more
-    compressed copies of it (one per ratio of a multi-ratio run).
+def tap(linear: nn.Module, hook: Callable, output: bool) -> RemovableHandle:
+    """``hook(module, args, *output)`` on the linear's inputs (pre-hook) or, with ``output``, its outputs."""
+    return linear.register_forward_hook(hook) if output else linear.register_forward_pre_hook(hook)
 
-    For each batch the engine runs the dense block on the dense stream, then each compressed block on its
-    own compressed stream; the dense hook parks each leader's input, each compressed hook pairs it with
-    its own input of the same tokens and accumulates. With ``stop`` a forward ends (:class:`StopForward`)
-    once the last leader's input is seen, so the layers after it are not computed; ``stop_dense=False``
-    lets the dense forward run to the end (the engine then keeps its outputs: the next dense boundary).
+
+def tap_width(block: nn.Module, name: str, outputs: Collection[str]) -> int:
+    """The width of what :func:`tap` sees of linear ``name``: its outputs if named in ``outputs``."""
+    linear = block.get_submodule(name)
+    return linear.out_features if name in outputs else linear.in_features
+
+
+class CrossCollector:
+    """Paired input statistics of the leaders of some linear groups: the dense block's values (stored by
+    :class:`romcomp.compression.fit.DenseTaps`, put in :attr:`pending` per batch by the caller) against
+    one or more compressed copies of the block (one per ratio of a multi-ratio run).
+
+    Each compressed hook pairs its own input of the same tokens with the pending dense one and
+    accumulates. With ``stop`` a forward ends (:class:`StopForward`) once the last leader is seen, so the
+    layers after it are not computed. Leaders named in ``outputs`` pair their *outputs* instead (a linear
+    narrower at its output, whose error-aware fit reads output moments:
+    :func:`romcomp.methods.error_aware.decompose_outputs`).
     """
 
-    def __init__(self, dense: nn.Module, blocks: Sequence[nn.Module], leaders: Sequence[str], stop: bool,
-                 stop_dense: bool = True) -> None:  # fmt: skip
+    def __init__(self, blocks: Sequence[nn.Module], leaders: Sequence[str], stop: bool,
+                 outputs: Collection[str] = ()) -> None:  # fmt: skip
         self.stats = [
-            {n: CrossStats.zeros(block.get_submodule(n).in_features) for n in leaders} for block in blocks
+            {n: CrossStats.zeros(tap_width(block, n, outputs)) for n in leaders} for block in blocks
         ]
         self.pending: dict[str, torch.Tensor] = {}
         self.handles: list[RemovableHandle] = []
         last = leaders[-1] if stop else None
         for name in leaders:
-            park = self._park(name, last if stop_dense else None)
-            self.handles.append(dense.get_submodule(name).register_forward_pre_hook(park))
+            side = name in outputs
             for j, block in enumerate(blocks):
-                linear = block.get_submodule(name)
-                self.handles.append(linear.register_forward_pre_hook(self._pair(j, name, last)))
+                self.handles.append(tap(block.get_submodule(name), self._pair(j, name, last, side), side))
 
-    def _park(self, name: str, last: str | None) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            self.pending[name] = args[0].detach().to(torch.float32)
-            if name == last:
-                raise StopForward
-
-        return hook
-
-    def _pair(self, j: int, name: str, last: str | None) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            accumulate_cross(self.stats[j][name], self.pending[name], args[0].detach())
+    def _pair(self, j: int, name: str, last: str | None, side: bool) -> Callable:
+        def hook(_m: nn.Module, args: tuple, *out) -> None:
+            accumulate_cross(self.stats[j][name], self.pending[name], (out[0] if side else args[0]).detach())
             if name == last:
                 raise StopForward
 

@@ -55,6 +55,7 @@ class Method:
     needs: str = "input moment"  # one of STATISTICS
     decompose_outputs: Decompose | None = None  # from the outputs' moment (cheaper when d_out < d_in)
     decompose_cross: Decompose | None = None  # the error-aware fit (paired streams: CrossStats)
+    decompose_cross_outputs: Decompose | None = None  # the error-aware fit from paired *output* moments
     gradients: str | None = None  # one of GRADIENTS
     options: tuple[Option, ...] = ()
     experts: bool = True  # can factor fused MoE experts (one local fit per expert on its routed tokens)

@@ -53,5 +53,6 @@ METHOD = register(
         decompose=decompose,
         decompose_outputs=decompose_outputs,
         decompose_cross=error_aware.decompose,
+        decompose_cross_outputs=error_aware.decompose_outputs,
     )
 )
