@@ -109,3 +109,29 @@ def make_bert(path: Path, seed: int = 0) -> Path:
     config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
                         intermediate_size=INTER, max_position_embeddings=128, pad_token_id=257)  # fmt: skip
     return save_random(BertModel(config), path)
+
+
+def tiny_causal_lm(kind: str, config: dict) -> torch.nn.Module:
+    """A random Llama, Gemma 2 (logit soft-capping after the head) or Granite (logits scaled by the head)
+    causal LM of ``config``'s sizes, weights large enough that its logits are far from uniform."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**config, head_dim=16, final_logit_softcapping=2.0))
+    elif kind == "granite":
+        model = GraniteForCausalLM(GraniteConfig(**config, logits_scaling=4.0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.2)
+    return model.eval()

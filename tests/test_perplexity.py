@@ -10,14 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GraniteConfig,
-    GraniteForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import romcomp.evaluation.perplexity as pp
 from calib.datasets import hf_wikitext_rows
@@ -33,6 +25,7 @@ from romcomp.evaluation.perplexity import (
     wikitext2_test_ids,
 )
 from tests.conftest import REAL_DATA, byte_tokenizer, needs_real_data, real_model
+from tests.families import tiny_causal_lm
 
 _SMALL = dict(
     hidden_size=64,
@@ -46,18 +39,7 @@ _SMALL = dict(
 
 
 def _tiny(kind: str = "llama") -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "gemma2":  # final_logit_softcapping is applied after the head
-        model = Gemma2ForCausalLM(Gemma2Config(**_SMALL, head_dim=16, final_logit_softcapping=2.0))
-    elif kind == "granite":  # logits_scaling divides the head's output
-        model = GraniteForCausalLM(GraniteConfig(**_SMALL, logits_scaling=4.0))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**_SMALL))
-    with torch.no_grad():  # weights large enough that logits are far from uniform
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
-    return model.eval()
+    return tiny_causal_lm(kind, _SMALL)
 
 
 def _direct_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, n_windows: int) -> float:

@@ -54,10 +54,14 @@ def eval_command(
     data_dir: Annotated[
         Path | None, typer.Option(help="Data directory (default: $ROMCOMP_DATA_DIR, then ../shared/data).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Zero-shot batch size (ppl: 1 at seq len >= 1024).")] = 4,
-    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 (half the RAM), float16.")] = (
-        "float32"
-    ),
+    batch_size: Annotated[
+        int, typer.Option(help="Zero-shot requests per batch, at most; fewer for long ones (a bounded "
+                               "activation budget); ppl: 1 at seq len >= 1024.")
+    ] = 4,
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype: auto (the checkpoint's own: a bf16/fp16 checkpoint is not "
+                               "widened to float32), float32, bfloat16 (half the RAM), float16.")
+    ] = "auto",
     plots: Annotated[
         bool, typer.Option(help="With several models: PNGs of ppl/acc/throughput vs ratio beside the report.")
     ] = True,

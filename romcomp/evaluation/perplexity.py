@@ -19,7 +19,9 @@ documents.
 
 Memory: full-vocabulary logits for a batch (4 x 512 x 49k floats = 400 MB for SmolLM2, 1 GB for a
 128k vocabulary) would dominate the footprint on a CPU box, so the decoder's final hidden states are
-computed once and the LM head is applied to ``_LOGIT_CHUNK`` positions at a time.
+computed once and the LM head is applied to ``_LOGIT_CHUNK`` positions at a time. The zero-shot path
+(:mod:`romcomp.evaluation.loglik`) scores lm-eval's requests with the same three helpers:
+:func:`final_hidden`, :func:`output_head` and :func:`head_logits`.
 """
 
 from __future__ import annotations
@@ -259,21 +261,34 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _batch_nll(model: nn.Module, batch: torch.Tensor) -> float:
     """Summed NLL of tokens 1..L-1 of every window, never holding more than a chunk of logits."""
-    hidden = _final_hidden(model, batch)
-    head = model.get_output_embeddings()
-    if head is None:
-        raise RomcompError(f"{type(model).__name__} has no output embeddings (LM head) to score tokens with")
+    hidden = final_hidden(model, batch)
+    head = output_head(model)
     states = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     targets = batch[:, 1:].reshape(-1)
     total = 0.0
     for start in range(0, targets.numel(), _LOGIT_CHUNK):
         stop = start + _LOGIT_CHUNK
-        logits = _apply_logit_transforms(getattr(model, "config", None), head(states[start:stop])).float()
+        logits = head_logits(model, head, states[start:stop])
         total += F.cross_entropy(logits, targets[start:stop], reduction="sum").item()
     return total
 
 
-def _final_hidden(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def output_head(model: nn.Module) -> nn.Module:
+    """The LM head (``get_output_embeddings()``), or a RomcompError naming the model that has none."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise RomcompError(f"{type(model).__name__} has no output embeddings (LM head) to score tokens with")
+    return head
+
+
+def head_logits(model: nn.Module, head: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[..., vocab]`` of final hidden ``states`` (a chunk of positions), with the
+    post-head scaling the model's own ``forward`` applies."""
+    return _apply_logit_transforms(getattr(model, "config", None), head(states)).float()
+
+
+def final_hidden(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Final (post-norm) hidden states ``[B, L, H]`` that the LM head turns into logits.
 
     Prefers the decoder module; models without a separate one are run whole with

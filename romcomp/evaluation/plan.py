@@ -46,7 +46,8 @@ NOTES: dict[str, str] = {
     "winogender_female": "winogender: the same 60 sentences with a female / a male pronoun (one standard "
     "error ~0.065 each); the gap is female - male accuracy",
 }
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""``--dtype`` choices; ``auto``: each checkpoint's own dtype (:func:`.run.checkpoint_dtype`)."""
 
 
 @dataclass
@@ -89,7 +90,7 @@ class EvalPlan:
     seq_len: int = 2048
     threads: int | None = None
     batch_size: int = 4
-    dtype: str = "float32"
+    dtype: str = "auto"
     plots: bool = True
     mmlu_limit: int | None = None
     num_fewshot: int = 0
@@ -123,7 +124,7 @@ def parse_tasks(spec: str) -> Tasks:
 def plan(
     models: list[str], tasks: str | None, data_dir: Path | None, limit: int | None = None,
     ppl_windows: int | None = None, seq_len: int = 2048, threads: int | None = None,
-    batch_size: int = 4, dtype: str = "float32", plots: bool = True, mmlu_limit: int | None = None,
+    batch_size: int = 4, dtype: str = "auto", plots: bool = True, mmlu_limit: int | None = None,
     num_fewshot: int = 0,
 ) -> EvalPlan:  # fmt: skip
     """Validate everything and resolve the models; raises BadInputError/RomcompError before any load."""

@@ -284,7 +284,10 @@ def _knobs(settings: dict[str, Any]) -> list[str]:
     encoder's report has no next-token settings). Reports without the task lists show everything."""
     s = settings
     knobs = [f"seq len {s.get('seq_len')}"] if s.get("ppl_tasks", True) else []
-    knobs += [f"threads {s.get('threads')}", f"dtype {s.get('dtype')}"]
+    dtype = f"dtype {s.get('dtype')}"
+    if s.get("dtype") == "auto" and s.get("dtypes_used"):  # the checkpoints' own dtypes
+        dtype += f" ({'/'.join(s['dtypes_used'])})"
+    knobs += [f"threads {s.get('threads')}", dtype]
     if s.get("zeroshot_tasks", True) or "mmlu" in s.get("tasks", []):
         knobs += [f"batch size {s.get('batch_size')}", _fewshot(s)]
     if s.get("nli_head"):

@@ -38,16 +38,30 @@ def settings(p: EvalPlan) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def checkpoint_dtype(config: Any) -> str:
+    """The dtype a checkpoint's config records (``dtype``, formerly ``torch_dtype``) when it is one
+    ``--dtype`` accepts, else float32 (a config that records none, or e.g. float64)."""
+    from romcomp.evaluation.plan import DTYPES
+
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(recorded).removeprefix("torch.") if recorded is not None else "float32"
+    return name if name in DTYPES and name != "auto" else "float32"
+
+
 def load_model(path: Path, dtype: str) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory (a decoder with its LM head, an encoder bare); romcomp
-    outputs load via romcomp's Auto classes."""
+    outputs load via romcomp's Auto classes. ``dtype="auto"``: the checkpoint's own dtype
+    (:func:`checkpoint_dtype`), so a bf16 or fp16 checkpoint is never widened to float32 (lm-eval's
+    ``dtype="auto"``); the dtype used is ``model.dtype``."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     import romcomp  # noqa: F401 - registers the romcomp Auto classes
     from romcomp.model.shell import auto_class
 
-    model = auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=getattr(torch, dtype))
+    config = AutoConfig.from_pretrained(path)
+    name = checkpoint_dtype(config) if dtype == "auto" else dtype
+    model = auto_class(config).from_pretrained(path, dtype=getattr(torch, name))
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -97,6 +111,7 @@ def evaluate_one(p: EvalPlan, resolved: Any) -> dict[str, Any]:
     entry = model_identity(resolved, model)
     entry["load_seconds"] = round(time.perf_counter() - start, 2)
     entry["load_peak_rss_bytes"] = peak_rss()
+    entry["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     entry["rss_reset"] = rss_reset and reset_peak_rss()
     t = p.tasks
     if t.ppl:
@@ -153,6 +168,7 @@ def run(p: EvalPlan, json_path: Path, report_path: Path | None) -> dict[str, Any
     doc["data"] = {str(path.relative_to(p.data_dir)): _sha256(path) for path in p.data_files.values()}
     for resolved in p.models:
         doc["models"].append(evaluate_one(p, resolved))
+        doc["settings"]["dtypes_used"] = sorted({m["dtype"] for m in doc["models"]})
         doc["partial"] = rep.is_partial(doc)
         doc["settings"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if p.plots and len(doc["models"]) == len(p.models):

@@ -161,10 +161,13 @@ def task_manager(files: dict[str, Path]) -> Iterator[Any]:
 
 
 def harness_model(model: Any, tokenizer: Any, batch_size: int, max_length: int | None) -> Any:
-    """lm-eval's HFLM around an already loaded model, so romcomp outputs need no hub-style loading."""
-    from lm_eval.models.huggingface import HFLM
+    """lm-eval's HFLM around an already loaded model, so romcomp outputs need no hub-style loading.
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    The memory-bounded subclass (:mod:`romcomp.evaluation.loglik`): the same requests, order and scoring
+    rule, but the LM head only at the scored positions and request batches bounded in tokens."""
+    from romcomp.evaluation.loglik import bounded_hflm
+
+    return bounded_hflm(model, tokenizer, batch_size, max_length)
 
 
 def run_zeroshot(
