@@ -188,17 +188,28 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         print(f"| {label} | {value} |")
     under = result["peak_rss"] <= (plan.get("budget") or float("inf"))
     print(f"\npeak within the cap: {under}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {platform.platform()}")
-    print(f"command: python tools/bench_scale.py {shlex.join(sys.argv[1:])}")
+    print(machine_lines("bench_scale.py"))
+
+
+def machine_lines(script: str) -> str:
+    """The machine and the exact command, printed under every benchmark table."""
+    return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {platform.platform()}\n"
+            f"command: python tools/{script} {shlex.join(sys.argv[1:])}")  # fmt: skip
+
+
+def run_parser(doc: str, max_ram: str, n_samples: int) -> argparse.ArgumentParser:
+    """The options every romcomp-running benchmark shares: model, cap, ratio and calibration shape."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--max-ram", default=max_ram)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--n-samples", type=int, default=n_samples)
+    parser.add_argument("--seq-len", type=int, default=512)
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--max-ram", default="12GB")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--n-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser = run_parser(__doc__, "12GB", 8)
     parser.add_argument("--blocks", type=int, default=0, help="SIGKILL after this many blocks (0: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)

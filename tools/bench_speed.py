@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -31,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import REPO_ROOT, STANDARD_TOKENS, manifest, matmul_gflops, run  # noqa: E402
+from bench_scale import (  # noqa: E402
+    REPO_ROOT,
+    STANDARD_TOKENS,
+    machine_lines,
+    manifest,
+    matmul_gflops,
+    run,
+    run_parser,
+)
 
 
 def linear_gflops(torch_dtype: str, tokens: int = 512, d_in: int = 4096, d_out: int = 4096) -> float:
@@ -165,17 +170,11 @@ def report(args: argparse.Namespace, plain: dict[str, Any], results: dict[str, d
     )
     for k, v in stats.items():
         print(f"- {k}: {v:.2f} TFLOP ({v * 1e3 / rates['float32']:.0f} s)")
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; {platform.platform()}")
-    print(f"command: python tools/bench_speed.py {shlex.join(sys.argv[1:])}")
+    print("\n" + machine_lines("bench_speed.py"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--max-ram", default="24GB")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--n-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser = run_parser(__doc__, "24GB", 32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--full-blocks", type=int, default=32, help="blocks of the full model (projection)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_speed"))

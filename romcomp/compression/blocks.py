@@ -187,7 +187,12 @@ def rounded(t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return t.to(out_dtype).float()
 
 
-def narrower_at_output(linear: nn.Linear) -> bool:
+def outputs_narrower(d_in: int, d_out: int, bias: bool) -> bool:
     """Whether the outputs' moment (d_out²) is smaller than the augmented inputs' ((d_in + bias)²): then
     statistics are accumulated on the output side (down_proj: 4096² instead of 11008² in Llama-2-7B)."""
-    return linear.out_features < linear.in_features + int(linear.bias is not None)
+    return d_out < d_in + int(bias)
+
+
+def narrower_at_output(linear: nn.Linear) -> bool:
+    """:func:`outputs_narrower` for an ``nn.Linear``."""
+    return outputs_narrower(linear.in_features, linear.out_features, linear.bias is not None)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from romcomp.compression.blocks import rounded
+from romcomp.compression.blocks import outputs_narrower, rounded
 from romcomp.compression.stats import collect_expert_stats
 from romcomp.hf.modeling_romcomp import swap_experts
 from romcomp.methods import svd as plain_svd
@@ -52,7 +52,7 @@ def projection_shape(block: nn.Module, name: str) -> tuple[int, int, int, bool]:
 def narrow(block: nn.Module, name: str) -> bool:
     """Accumulate outputs rather than inputs: the smaller moment (``down_proj``: hidden² < intermediate²)."""
     _, d_in, d_out, bias = projection_shape(block, name)
-    return d_out < d_in + int(bias)
+    return outputs_narrower(d_in, d_out, bias)
 
 
 def fit_projection(

@@ -18,7 +18,7 @@ from romcomp.compression.allocation import (
     allocate_uniform,
     allocate_v2,
 )
-from romcomp.compression.blocks import BlockIO
+from romcomp.compression.blocks import BlockIO, outputs_narrower
 from romcomp.compression.config import RunSpec
 from romcomp.compression.estimate import LinearCost, RunModel, RunPlan, estimate_time, probe
 from romcomp.compression.fit import BlockTimes, FitContext
@@ -117,7 +117,7 @@ def run_model(p: Prepared) -> RunModel:
     prefix = p.arch.block_prefix(0)
     alone = {prefix + g[0] for g in p.arch.groups if len(g) == 1}
     linears = tuple(
-        LinearCost(s.d_in, s.d_out, s.count, s.name in alone and s.d_out < s.d_in + int(s.bias))
+        LinearCost(s.d_in, s.d_out, s.count, s.name in alone and outputs_narrower(s.d_in, s.d_out, s.bias))
         for s in p.shapes
         if s.name.startswith(prefix)
     )

@@ -12,7 +12,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoTokenizer
 
-from romcomp.compression.blocks import narrower_at_output
+from romcomp.compression.blocks import narrower_at_output, outputs_narrower
 from romcomp.compression.config import RunSpec
 from romcomp.compression.experts import projection_shape
 from romcomp.compression.memory import (
@@ -193,7 +193,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
     experts = [projection_shape(block, n) for n in arch.experts]
     expert_covs = []
     for n, d_in, d_out, bias in experts:
-        narrow = output_stats and d_out < d_in + int(bias)
+        narrow = output_stats and outputs_narrower(d_in, d_out, bias)
         expert_covs += [d_out if narrow else d_in] * n  # every expert's moment, held until its stage fits
     cfg = text_config(hf_config)
     return ModelDims(
