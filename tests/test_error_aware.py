@@ -185,3 +185,36 @@ def test_float32_correction_matches_float64_with_massive_activations(monkeypatch
         correction = (maps[torch.float64] - dense).norm()
         assert correction > 0.02 * dense.norm()  # a real correction to compare
         assert (maps[torch.float32] - maps[torch.float64]).norm() < 1e-3 * correction
+
+
+def _paired_with_outputs(y: torch.Tensor, x_hat: torch.Tensor) -> CrossStats:
+    s = CrossStats.zeros(x_hat.shape[-1], y.shape[-1])
+    for a, b in zip(y.split(700), x_hat.split(700), strict=True):
+        accumulate_cross(s, a, b)
+    return s
+
+
+def test_dense_outputs_pairing_gives_the_input_pairing_fit():
+    """A linear narrower at its output (down_proj) pairs the dense *outputs* ``y = W x + b``, as the
+    forward computes them in float32, with the compressed inputs: the regression map must be the one
+    the paired inputs give (``W D = E[y x̂ᵀ] − b μ̂ᵀ − W Σ̂``), within 2e-3 of the correction, with a bias
+    and without, with two massive channels; and it must differ from the dense weight (a real
+    correction). Dropping ``b μ̂ᵀ`` or the shift column fails the bias case, a sign error both."""
+    torch.manual_seed(5)
+    d_in, d_out = 192, 64
+    scale = torch.logspace(0, -1, d_in)
+    scale[[3, 90]] = 30.0
+    x_hat = torch.randn(5000, d_in) * scale + 0.1
+    x = x_hat + x_hat @ (0.3 * torch.randn(d_in, d_in) / d_in**0.5).T + 0.05
+    for bias in (None, torch.randn(d_out)):
+        w = torch.randn(d_out, d_in)
+        y = torch.nn.functional.linear(x, w, bias)  # the dense forward's outputs, float32
+        by_inputs = error_aware.target_map(w, bias, cross_stats(x, x_hat))
+        by_outputs = error_aware.target_map(w, bias, _paired_with_outputs(y, x_hat))
+        correction = (by_inputs - error_aware.augmented_weight(w, bias)).norm()
+        assert correction > 0.02 * by_inputs.norm()
+        assert (by_outputs - by_inputs).norm() < 2e-3 * correction
+        f_in = error_aware.decompose(w, bias, cross_stats(x, x_hat), 16)
+        f_out = error_aware.decompose(w, bias, _paired_with_outputs(y, x_hat), 16)
+        gap = (outputs(f_out, x_hat) - outputs(f_in, x_hat)).norm() / outputs(f_in, x_hat).norm()
+        assert gap < 1e-4, gap

@@ -105,12 +105,14 @@ def breakdown(m: dict[str, Any]) -> dict[str, float]:
 
 def statistics_tflop(config: dict[str, Any], tokens: int) -> dict[str, float]:
     """Statistics FLOPs of one block (Llama layout: q/k/v, o, gate/up inputs hidden wide, down_proj's
-    input intermediate wide): ``syrk`` d²·T per second moment, a paired cross GEMM 2·d²·T."""
+    input intermediate wide): ``syrk`` d²·T per second moment, a paired cross GEMM 2·d²·T — for
+    ``down_proj`` 2·hidden·intermediate·T (its dense *outputs* against the compressed inputs)."""
     h, i = config["hidden_size"], config["intermediate_size"]
+    down = (i * i + 2 * h * i) * tokens / 1e12
     return {
         "pre-pass (4 hidden² moments)": 4 * h * h * tokens / 1e12,
-        "error-aware (3 hidden² + 1 intermediate² pairs)": 3 * (3 * h * h + i * i) * tokens / 1e12,
-        "of which down_proj's pair": 3 * i * i * tokens / 1e12,
+        "error-aware (3 hidden² pairs + down_proj's)": 3 * 3 * h * h * tokens / 1e12 + down,
+        "of which down_proj's pair": down,
         "local (4 hidden² moments)": 4 * h * h * tokens / 1e12,
     }
 

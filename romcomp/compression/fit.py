@@ -25,6 +25,7 @@ from torch import nn
 from romcomp.compression.activations import Boundary, Scratch
 from romcomp.compression.blocks import BlockIO, Tee, emit, narrower_at_output, rounded
 from romcomp.compression.experts import fit_experts
+from romcomp.compression.replay import Replays
 from romcomp.compression.stats import (
     CrossCollector,
     collect_input_stats,
@@ -71,6 +72,12 @@ class FitContext:
     work: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # scratch files (DenseTaps)
     in_ram: bool = True  # the memory plan keeps activations (and the dense taps) in RAM
     cross_outputs: bool = False  # the error-aware fit pairs narrow linears' outputs (memory fallback)
+    replays: Replays | None = None  # the block's compressed copies' first sublayers, replayed once fitted
+
+    def arm_replays(self, stage: Sequence[Group], blocks: list[nn.Module]) -> None:
+        """Before ``stage``'s forwards: replay the first sublayer of ``blocks`` if it is final by now."""
+        if self.replays is not None:
+            self.replays.arm_before(self.io.arch.groups.index(stage[0]), blocks)
 
     def stages(self) -> list[list[Group]]:
         """Linear groups fitted together: one at a time (each sees its predecessors compressed) or all."""
@@ -85,6 +92,15 @@ class FitContext:
         :func:`romcomp.methods.error_aware.decompose_outputs`)."""
         decompose = self.method.decompose_cross_outputs if cross else self.method.decompose_outputs
         if decompose is None or len(group) != 1 or (cross and not self.cross_outputs):
+            return False
+        return narrower_at_output(block.get_submodule(group[0]))
+
+    def dense_outputs(self, block: nn.Module, group: Group) -> bool:
+        """In the error-aware fit, pair a narrow linear's *dense outputs* with its compressed inputs (the
+        same regression from a d_out × d_in cross moment, :class:`~romcomp.methods.base.CrossStats`),
+        unless it is fitted from outputs on both sides (``cross_outputs``) or the forwards run under
+        bfloat16 autocast (the outputs would then come from rounded weights, not ``W``)."""
+        if len(group) != 1 or self.cross_outputs or self.io.compute_dtype != torch.float32:
             return False
         return narrower_at_output(block.get_submodule(group[0]))
 
@@ -162,6 +178,7 @@ def fit_local(ctx: FitContext, index: int, blocks: list[nn.Module], variants: Se
             if ctx.calib_stream == "dense" and n_stage == 0:  # its outputs are every variant's next inputs
                 ctx.io.forward(index, blocks[0], variants[0].source, Tee([v.sink for v in variants]))
             else:  # only the statistics are wanted: stop once the stage's last leader has been seen
+                ctx.arm_replays(stage, blocks[:1])
                 last = stage[-1]
                 handle = tap(blocks[0].get_submodule(last[0]), _stop, last in by_output)
                 try:
@@ -199,19 +216,23 @@ def fit_error_aware(ctx: FitContext, index: int, dense: nn.Module, blocks: list[
         names = [prefix + name for group in stage for name in group]
         active = [j for j, v in enumerate(variants) if any(n in v.ranks for n in names)]
         if active:  # else the whole stage stays dense in every variant: nothing to fit
-            todo.append((stage, active, {g[0] for g in stage if ctx.by_output(dense, g, cross=True)}))
+            outputs = {g[0] for g in stage if ctx.by_output(dense, g, cross=True)}
+            todo.append((stage, active, outputs, {g[0] for g in stage if ctx.dense_outputs(dense, g)}))
     if not todo:
         return notes, False
     t0 = time.perf_counter()
-    leaders = [g[0] for stage, _, _ in todo for g in stage]
+    leaders = [g[0] for stage, *_ in todo for g in stage]
     taps = DenseTaps.record(
-        ctx, index, dense, dense_source, dense_sink, leaders, set().union(*(o for *_, o in todo))
+        ctx, index, dense, dense_source, dense_sink, leaders, set().union(*(o | y for *_, o, y in todo))
     )
     times.forward += time.perf_counter() - t0
     try:
-        for stage, active, outputs in todo:
+        for stage, active, outputs, dense_outputs in todo:
             t0 = time.perf_counter()
-            collector = CrossCollector([blocks[j] for j in active], [g[0] for g in stage], True, outputs)
+            ctx.arm_replays(stage, [blocks[j] for j in active])
+            collector = CrossCollector(
+                [blocks[j] for j in active], [g[0] for g in stage], True, outputs, dense_outputs
+            )
             try:
                 paired_forward(
                     ctx.io, index, taps, collector, [(blocks[j], variants[j].source) for j in active]

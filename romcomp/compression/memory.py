@@ -66,6 +66,8 @@ class ModelDims:
     linear_shapes: tuple[tuple[int, int], ...]  # (d_in, d_out) of each block linear
     cov_dims: tuple[int, ...]  # width of each accumulated covariance (group input, or a narrow output)
     linear_inputs: tuple[int, ...] = ()  # width of each group's paired moments (the error-aware fit's)
+    paired_dense: tuple[int, ...] = ()  # width of their dense side where it differs: a narrow linear's
+    # dense outputs paired with its compressed inputs (empty: the same widths as ``linear_inputs``)
     cross_shapes: tuple[tuple[int, int], ...] | None = None  # linears the error-aware fit regresses on
     # their inputs (None: all); the others pair their outputs (ROM's workspace)
     shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
@@ -89,6 +91,7 @@ class MemoryPlan:
 WORKSPACE = "decomposition workspace (float64)"
 TEMPORARIES = "forward temporaries"
 TAPS = "dense taps (the error-aware fit's stored dense values)"
+REPLAY = "replayed first sublayer (romcomp.compression.replay), one per compressed stream"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 GRADIENTS = "gradient pass (the head, or one block under autograd)"
 HEAD_CHUNK = (
@@ -113,7 +116,11 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
     act = 2 * streams * (n_samples if in_ram else batch) * token_bytes  # input + output of each stream
-    cross_covs = [2 * (streams - 1) * (d + 1) ** 2 * f64 for d in dims.linear_inputs]
+    dense = dims.paired_dense or dims.linear_inputs
+    cross_covs = [
+        (streams - 1) * (d + 1) * (d + e + 2) * f64  # the compressed side's square and the cross moment
+        for d, e in zip(dims.linear_inputs, dense, strict=True)
+    ]
     linear_covs = (
         sum((d + 1) ** 2 for d in dims.cov_dims) * f64
         if not cross
@@ -127,7 +134,8 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
         "covariances (float64)": max(linear_covs, expert_covs),
         WORKSPACE: _workspace(dims, cross),
         "activation cache": act,
-        TAPS: sum(dims.linear_inputs) * seq_len * (n_samples if in_ram else batch) * f32 if cross else 0,
+        REPLAY: (streams - int(cross)) * n_samples * token_bytes if in_ram else 0,
+        TAPS: sum(dense) * seq_len * (n_samples if in_ram else batch) * f32 if cross else 0,
         TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
         + batch * dims.heads * seq_len * seq_len * f32 * 2,
         "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,

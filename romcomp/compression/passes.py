@@ -30,6 +30,7 @@ from romcomp.compression.fit import (
 )
 from romcomp.compression.memory import resident_bytes
 from romcomp.compression.output import Manifest, OutputDir
+from romcomp.compression.replay import replaying
 from romcomp.compression.runner import Runner, Streams
 
 
@@ -47,10 +48,23 @@ def compress_block(ctx: FitContext, fit: str, index: int, base: nn.Module, varia
                    ) -> tuple[list[nn.Module], BlockTimes, list[list[str]]]:  # fmt: skip
     """Fit every stage of the loaded block ``base`` for each variant (one per ratio), then propagate: fill
     each variant's ``sink`` (and ``dense_sink``, the dense model's stream, for the error-aware fit)."""
-    times = BlockTimes()
     keep_base = fit == "error-aware"  # ``base`` stays dense for the dense stream; else the last variant's
     blocks = [copy.deepcopy(base) for _ in variants[: None if keep_base else -1]]
     blocks += [] if keep_base else [base]
+    shape = variants[0].source.shape
+    with replaying(blocks, ctx.io.arch, shape, ctx.work, ctx.in_ram) as replays:
+        times, notes = _fit_and_propagate(
+            replace(ctx, replays=replays), fit, index, base, blocks, variants, dense_source, dense_sink
+        )
+    return blocks, times, notes
+
+
+def _fit_and_propagate(ctx: FitContext, fit: str, index: int, base: nn.Module, blocks: list[nn.Module],
+                       variants: Sequence[Variant], dense_source: Boundary | None,
+                       dense_sink: Boundary | None) -> tuple[BlockTimes, list[list[str]]]:  # fmt: skip
+    """:func:`compress_block`'s work, with the compressed copies' first sublayers replayed once fitted."""
+    times = BlockTimes()
+    keep_base = fit == "error-aware"
     if keep_base:
         notes, filled = fit_error_aware(ctx, index, base, blocks, variants, dense_source, dense_sink, times)
         if not filled:
@@ -61,6 +75,7 @@ def compress_block(ctx: FitContext, fit: str, index: int, base: nn.Module, varia
         notes = fit_local(ctx, index, blocks, variants, times)
     else:
         notes = [fit_local(ctx, index, [b], [v], times)[0] for b, v in zip(blocks, variants, strict=True)]
+    ctx.replays.arm_before(len(ctx.io.arch.groups), blocks)  # every linear is final
     for j, (block, v) in enumerate(zip(blocks, variants, strict=True)):
         notes[j] += fit_block_experts(ctx, index, block, v, times)
     t0 = time.perf_counter()
@@ -68,7 +83,7 @@ def compress_block(ctx: FitContext, fit: str, index: int, base: nn.Module, varia
         if keep_base or ctx.calib_stream == "compressed":
             ctx.io.forward(index, block, v.source, v.sink)
     times.forward += time.perf_counter() - t0
-    return blocks, times, notes
+    return times, notes
 
 
 def shares_statistics(ctx: FitContext, variants: Sequence[Variant]) -> bool:

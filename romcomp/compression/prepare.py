@@ -83,7 +83,7 @@ def prepare(spec: RunSpec, streams: int = 1) -> Prepared:
     shapes = block_shapes(shell, arch, n_blocks)
     spec, mem = plan_or_fall_back(
         spec, lambda narrow: model_dims(hf_config, arch, shell, spec.method.decompose_outputs is not None,
-                                        narrow), streams
+                                        narrow, spec.compute_dtype == "float32"), streams
     )  # fmt: skip
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -176,18 +176,20 @@ def unfactorized_weights(model: torch.nn.Module, arch: ArchSpec) -> tuple[str, .
 
 
 def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: bool,
-               cross_outputs: bool = False) -> ModelDims:  # fmt: skip
+               cross_outputs: bool = False, dense_outputs: bool = False) -> ModelDims:  # fmt: skip
     """The sizes the memory plan needs; ``output_stats`` / ``cross_outputs``: the method accumulates
     narrow outputs instead of wide inputs for one-linear groups in the local / error-aware fit (as
-    :meth:`romcomp.compression.fit.FitContext.by_output` decides)."""
+    :meth:`romcomp.compression.fit.FitContext.by_output` decides); ``dense_outputs``: otherwise the
+    error-aware fit pairs their dense outputs with the compressed inputs (``FitContext.dense_outputs``)."""
     block = model.get_submodule(arch.blocks)[0]
     lins = [block.get_submodule(n) for n in arch.linears]
-    covs, paired, regressed = [], [], []
+    covs, paired, dense, regressed = [], [], [], []
     for group in arch.groups:
         first = block.get_submodule(group[0])
         narrow = len(group) == 1 and narrower_at_output(first)
         covs.append(first.out_features if narrow and output_stats else first.in_features)
         paired.append(first.out_features if narrow and cross_outputs else first.in_features)
+        dense.append(first.out_features if narrow and (cross_outputs or dense_outputs) else paired[-1])
         if not (narrow and cross_outputs):
             regressed += [block.get_submodule(n) for n in group]
     experts = [projection_shape(block, n) for n in arch.experts]
@@ -207,6 +209,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         cov_dims=tuple(covs),
         expert_covs=tuple(expert_covs),
         linear_inputs=tuple(paired),
+        paired_dense=tuple(dense),
         cross_shapes=tuple((lin.in_features, lin.out_features) for lin in regressed)
         + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
         shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),

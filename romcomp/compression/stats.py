@@ -161,16 +161,20 @@ class CrossCollector:
 
     Each compressed hook pairs its own input of the same tokens with the pending dense one and
     accumulates. With ``stop`` a forward ends (:class:`StopForward`) once the last leader is seen, so the
-    layers after it are not computed. Leaders named in ``outputs`` pair their *outputs* instead (a linear
-    narrower at its output, whose error-aware fit reads output moments:
-    :func:`romcomp.methods.error_aware.decompose_outputs`).
+    layers after it are not computed. Leaders named in ``outputs`` pair their *outputs* on both sides (a
+    linear narrower at its output, fitted from output moments when memory is short:
+    :func:`romcomp.methods.error_aware.decompose_outputs`); those named in ``dense_outputs`` pair the
+    dense outputs with the compressed inputs (the same regression from a narrower cross moment:
+    :class:`~romcomp.methods.base.CrossStats`).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], leaders: Sequence[str], stop: bool,
-                 outputs: Collection[str] = ()) -> None:  # fmt: skip
-        self.stats = [
-            {n: CrossStats.zeros(tap_width(block, n, outputs)) for n in leaders} for block in blocks
-        ]
+                 outputs: Collection[str] = (), dense_outputs: Collection[str] = ()) -> None:  # fmt: skip
+        def zeros(block: nn.Module, name: str) -> CrossStats:
+            dense = block.get_submodule(name).out_features if name in dense_outputs else None
+            return CrossStats.zeros(tap_width(block, name, outputs), dense)
+
+        self.stats = [{n: zeros(block, n) for n in leaders} for block in blocks]
         self.pending: dict[str, torch.Tensor] = {}
         self.handles: list[RemovableHandle] = []
         last = leaders[-1] if stop else None

@@ -92,19 +92,29 @@ class CrossStats:
     ``hat`` holds the moments of the *compressed* model's inputs ``x̂`` (what the fitted layer will see);
     ``cross`` is ``Σ x x̂ᵀ`` against the *dense* model's inputs ``x`` of the same tokens, and ``xsum`` is
     ``Σ x``. That is all an error-aware fit needs: the dense outputs ``W x`` are never stored.
+
+    With ``dense_outputs`` the dense side is the layer's *outputs* ``y = W x + b`` instead (``cross`` is
+    ``Σ y x̂ᵀ``, d_out × d_in, and ``xsum`` is ``Σ y``): the same regression for a linear narrower at its
+    output (``down_proj``), from a d_out × d_in cross moment instead of a d_in² one
+    (:func:`romcomp.methods.error_aware.target_map` recovers ``W (E[x x̂ᵀ] − Σ̂)`` from it).
     """
 
     hat: InputStats
     cross: torch.Tensor
     xsum: torch.Tensor
     is_difference: bool = False  # ``cross`` already turned into ``E[x x̂ᵀ] − E[x̂ x̂ᵀ]`` (see difference())
+    dense_outputs: bool = False
 
     @classmethod
-    def zeros(cls, dim: int) -> CrossStats:
+    def zeros(cls, dim: int, dense_outputs: int | None = None) -> CrossStats:
+        """Moments of ``dim``-wide compressed inputs, paired with dense inputs of the same width or, when
+        ``dense_outputs`` gives a width, with the dense outputs."""
+        dense = dim if dense_outputs is None else dense_outputs
         return cls(
             InputStats.zeros(dim),
-            torch.zeros(dim, dim, dtype=torch.float64),
-            torch.zeros(dim, dtype=torch.float64),
+            torch.zeros(dense, dim, dtype=torch.float64),
+            torch.zeros(dense, dtype=torch.float64),
+            dense_outputs=dense_outputs is not None,
         )
 
     @property
@@ -115,6 +125,8 @@ class CrossStats:
         """``D = E[x x̂ᵀ] − E[x̂ x̂ᵀ]`` (float64, d_in²), computed once *in place of* the cross sums, which
         nothing needs afterwards: the linears of a group (q/k/v) share it and no second d_in² square is
         allocated. ``D`` is exactly zero where the two streams were the same tensors."""
+        if self.dense_outputs:
+            raise ValueError("paired with the dense outputs: there is no input difference D")
         if not self.is_difference:
             subtract_symmetric_from_upper(self.cross, self.hat.xtx).div_(max(self.count, 1))
             self.is_difference = True

@@ -54,7 +54,8 @@ class Method:
     decompose: Decompose
     needs: str = "input moment"  # one of STATISTICS
     decompose_outputs: Decompose | None = None  # from the outputs' moment (cheaper when d_out < d_in)
-    decompose_cross: Decompose | None = None  # the error-aware fit (paired streams: CrossStats)
+    decompose_cross: Decompose | None = None  # the error-aware fit (CrossStats: paired inputs, or dense
+    # outputs with compressed inputs for a linear narrower at its output)
     decompose_cross_outputs: Decompose | None = None  # the error-aware fit from paired *output* moments
     gradients: str | None = None  # one of GRADIENTS
     options: tuple[Option, ...] = ()
