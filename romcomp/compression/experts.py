@@ -21,7 +21,7 @@ from torch import nn
 
 from romcomp.compression.blocks import outputs_narrower, rounded
 from romcomp.compression.stats import collect_expert_stats
-from romcomp.hf.modeling_romcomp import swap_experts
+from romcomp.hf.modeling_romcomp import LowRankExperts, low_rank_experts, swap_experts
 from romcomp.methods import svd as plain_svd
 from romcomp.methods.base import InputStats
 from romcomp.methods.registry import Decompose, Method
@@ -56,30 +56,28 @@ def narrow(block: nn.Module, name: str) -> bool:
 
 
 def fit_projection(
-    block: nn.Module, name: str, rank: int, stats: dict[tuple[str, int], InputStats],
-    decompose: Decompose, data_free: bool, out_dtype: torch.dtype, label: str,
+    block: nn.Module, name: str, pair: LowRankExperts, experts: range,
+    stats: dict[tuple[str, int], InputStats], decompose: Decompose, data_free: bool,
+    out_dtype: torch.dtype, label: str,
 ) -> list[str]:  # fmt: skip
-    """Factor every expert of projection ``name`` at ``rank`` from ``stats`` (consumed) into a
-    :class:`LowRankExperts` swapped in first (each expert's factors are written into it as they come,
-    rounded to ``out_dtype`` as the output stores them: no second copy of a projection's factors), and
-    return the notes. Directions a fit lacks stay zero: plain SVD of a weight with a bias has one fewer
-    than ROM's augmented fit, and the experts of a projection share one stored rank."""
+    """Factor the ``experts`` of projection ``name`` at ``pair``'s rank from ``stats`` (consumed) into
+    ``pair`` (each expert's factors written into it as they come, rounded to ``out_dtype`` as the output
+    stores them: no second copy of a projection's factors), and return the notes. Directions a fit lacks
+    stay zero: plain SVD of a weight with a bias has one fewer than ROM's augmented fit, and the experts
+    of a projection share one stored rank."""
     owner, _, proj = name.rpartition(".")
     module = block.get_submodule(owner)
-    dense = expert_matrices(module, proj)  # read before the swap replaces the parameter
-    pair = swap_experts(block, name, rank)
-    pair.down.data.zero_()
-    pair.up.data.zero_()
+    dense = expert_matrices(module, proj)
     starved: list[str] = []
     notes: list[str] = []
-    for e in range(dense.shape[0]):
+    for e in experts:
         st = stats.pop((name, e), None)
         weight, b = dense[e], expert_bias(module, proj, e)
         if not data_free and (st is None or st.count < st.xtx.shape[0]):
             starved.append(f"{e} ({0 if st is None else st.count})")
-            f = plain_svd.decompose(weight, b, None, rank)
+            f = plain_svd.decompose(weight, b, None, pair.rank)
         else:
-            f = decompose(weight, b, st, rank)
+            f = decompose(weight, b, st, pair.rank)
         f.check_finite(f"{label}[expert {e}]")
         notes += [f"expert {e}: {x}" for x in f.notes]
         pair.down.data[e, : f.rank] = rounded(f.down, out_dtype)
@@ -93,20 +91,32 @@ def fit_projection(
 
 def fit_experts(
     block: nn.Module, names: list[str], ranks: dict[str, int], prefix: str,
-    run: Callable[[dict], None], method: Method, out_dtype: torch.dtype,
+    run: Callable[[dict], None], method: Method, out_dtype: torch.dtype, chunk: int | None = None,
 ) -> list[str]:  # fmt: skip
-    """Collect every named projection's per-expert statistics with one calibration pass (``run``, given
+    """Collect every named projection's per-expert statistics with calibration passes (``run``, given
     the live statistics dict, runs the forwards) and fit them with ``method`` (from the outputs' moment
-    where that side is narrower and the method has an output variant)."""
+    where that side is narrower and the method has an output variant).
+
+    ``chunk`` experts at a time (all by default): one pass per chunk, so only a chunk's moments are held
+    (the memory plan's choice). The factors go into pairs swapped in after the last chunk: every pass sees
+    the dense experts, and an expert's statistics depend on its own weights alone (the router and the
+    layers before it are final), so any chunking gives the same factors."""
     wanted = [n for n in names if prefix + n in ranks]
     if not wanted:
         return []
     outputs = {n: narrow(block, n) and method.decompose_outputs is not None for n in wanted}
-    with collect_expert_stats(block, wanted, outputs.__getitem__, stop=True) as stats:
-        run(stats)
+    pairs = {n: low_rank_experts(block, n, ranks[prefix + n]) for n in wanted}
+    n_experts = projection_shape(block, wanted[0])[0]
+    chunk = chunk or n_experts
     notes: list[str] = []
-    for name in wanted:
-        decompose = method.decompose_outputs if outputs[name] else method.decompose
-        notes += fit_projection(block, name, ranks[prefix + name], stats, decompose, method.data_free,
-                                out_dtype, prefix + name)  # fmt: skip
+    for lo in range(0, n_experts, chunk):
+        experts = range(lo, min(lo + chunk, n_experts))
+        with collect_expert_stats(block, wanted, outputs.__getitem__, stop=True, experts=experts) as stats:
+            run(stats)
+        for name in wanted:
+            decompose = method.decompose_outputs if outputs[name] else method.decompose
+            notes += fit_projection(block, name, pairs[name], experts, stats, decompose, method.data_free,
+                                    out_dtype, prefix + name)  # fmt: skip
+    for name, pair in pairs.items():
+        swap_experts(block, name, pair.rank, pair)
     return notes

@@ -73,6 +73,7 @@ class FitContext:
     in_ram: bool = True  # the memory plan keeps activations (and the dense taps) in RAM
     cross_outputs: bool = False  # the error-aware fit pairs narrow linears' outputs (memory fallback)
     replays: Replays | None = None  # the block's compressed copies' first sublayers, replayed once fitted
+    expert_chunk: int | None = None  # MoE experts whose moments one statistics pass holds (None: all)
 
     def arm_replays(self, stage: Sequence[Group], blocks: list[nn.Module]) -> None:
         """Before ``stage``'s forwards: replay the first sublayer of ``blocks`` if it is final by now."""
@@ -357,7 +358,8 @@ def fit_block_experts(
     ctx: FitContext, index: int, block: nn.Module, variant: Variant, times: BlockTimes
 ) -> list[str]:
     """The block's fused MoE expert projections, after its linears: per-expert statistics over the routed
-    tokens of one more forward of the compressed block (stopped after the experts), local fit (see
+    tokens of more forwards of the compressed block (stopped after the experts; one per chunk of
+    ``ctx.expert_chunk`` experts), local fit (see
     :mod:`romcomp.compression.experts`)."""
     if not ctx.io.arch.experts:
         return []
@@ -366,11 +368,11 @@ def fit_block_experts(
     def run(_stats: dict) -> None:
         t0 = time.perf_counter()
         ctx.io.forward_until_stopped(index, block, variant.source)
-        clock["forward"] = time.perf_counter() - t0
+        clock["forward"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     notes = fit_experts(block, list(ctx.io.arch.experts), variant.ranks, ctx.io.arch.block_prefix(index),
-                        run, ctx.method, ctx.io.out_dtype)  # fmt: skip
+                        run, ctx.method, ctx.io.out_dtype, ctx.expert_chunk)  # fmt: skip
     times.forward += clock["forward"]
     times.decompose += time.perf_counter() - t0 - clock["forward"]
     return notes

@@ -89,13 +89,15 @@ def collect_output_stats(
 
 @contextmanager
 def collect_expert_stats(
-    block: nn.Module, projections: Sequence[str], by_output: Callable[[str], bool], stop: bool = False
-) -> Iterator[dict[tuple[str, int], InputStats]]:
+    block: nn.Module, projections: Sequence[str], by_output: Callable[[str], bool], stop: bool = False,
+    experts: Collection[int] | None = None,
+) -> Iterator[dict[tuple[str, int], InputStats]]:  # fmt: skip
     """``{(projection name, expert): stats}`` over the tokens routed to each expert, for the fused expert
     projections named (``mlp.experts.gate_up_proj``) of ``block``, filled by its forwards inside the
     context through the ``"romcomp"`` experts implementation's observer; a projection for which
     ``by_output(name)`` holds accumulates its outputs instead of its inputs (the narrower side). An expert
-    no token reached has no entry. With ``stop`` the forward ends after the last experts module."""
+    no token reached has no entry. With ``stop`` the forward ends after the last experts module; with
+    ``experts`` only those experts' statistics are kept (the others' moments are never allocated)."""
     stats: dict[tuple[str, int], InputStats] = {}
     owners: dict[str, list[str]] = {}
     for name in projections:
@@ -104,7 +106,7 @@ def collect_expert_stats(
 
     def observer(owner: str, wanted: list[str]) -> Callable:
         def observe(proj: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
-            if proj in wanted:
+            if proj in wanted and (experts is None or expert in experts):
                 full = f"{owner}.{proj}"
                 value = y if by_output(full) else x
                 if (full, expert) not in stats:
