@@ -48,6 +48,56 @@ def sample_rss(pid: int, samples: list[int], stop: threading.Event) -> None:
         stop.wait(0.2)
 
 
+TRACER = r"""
+import json, os, runpy, sys, threading, time
+
+def _fields():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "VmHWM"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+def _label(frame):
+    names = []
+    while frame is not None:
+        code = frame.f_code
+        if "/romcomp/" in code.co_filename and "/cli/" not in code.co_filename:
+            names.append(code.co_name)
+        frame = frame.f_back
+    return ">".join(reversed(names[:4])) or "(start-up)"
+
+def _sample(path, main):
+    phases, hwm, peak_label, t0, last_dump = {}, 0, "", time.time(), 0.0
+    while True:
+        f = _fields()
+        frame = sys._current_frames().get(main)
+        label = _label(frame) if frame is not None else "(exit)"
+        del frame
+        ph = phases.setdefault(label, {"rss": 0, "anon": 0, "n": 0, "first_s": round(time.time() - t0, 1)})
+        ph["rss"], ph["anon"] = max(ph["rss"], f["VmRSS"]), max(ph["anon"], f["RssAnon"])
+        ph["n"] += 1
+        if f["VmHWM"] > hwm:
+            hwm, peak_label = f["VmHWM"], label
+        if time.time() - last_dump > 1.0:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as out:
+                json.dump({"hwm": hwm, "hwm_label": peak_label, "phases": phases}, out, indent=1)
+            os.replace(tmp, path)
+            last_dump = time.time()
+        time.sleep(0.05)
+
+threading.Thread(target=_sample, args=(sys.argv[1], threading.main_thread().ident), daemon=True).start()
+sys.argv = ["romcomp", *sys.argv[2:]]
+runpy.run_module("romcomp.cli", run_name="__main__")
+"""
+"""``--trace``: the child runs the CLI under a sampler thread that records, every 0.05 s, the RSS and the
+innermost romcomp functions of the main thread's stack: the maximum RSS of every phase, and the phase in
+which the high-water mark (``VmHWM``) last grew (the peak's phase), written to ``<out>-trace.json``."""
+
+
 def manifest(out: Path) -> dict[str, Any]:
     path = out / ".romcomp" / "manifest.json"
     try:
@@ -57,7 +107,10 @@ def manifest(out: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "romcomp.cli", str(args.model), "--ratio", str(args.ratio), "--out",
+    trace = args.out.parent / f"{args.out.name}-trace.json"
+    child = [sys.executable, "-m", "romcomp.cli"]
+    child = [sys.executable, "-c", TRACER, str(trace)] if args.trace else child
+    cmd = [*child, str(args.model), "--ratio", str(args.ratio), "--out",
            str(args.out), "--max-ram", args.max_ram, "--n-samples", str(args.n_samples), "--seq-len",
            str(args.seq_len), "--no-progress", "--overwrite", *shlex.split(args.extra)]  # fmt: skip
     if args.threads:
@@ -88,8 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     code = proc.returncode
     if not killed and code != 0:
         sys.exit(f"romcomp exited {code}; see {log.name}")
+    traced = json.loads(trace.read_text()) if args.trace and trace.exists() else None
     return {"cmd": cmd, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "rss_samples": samples,
-            "killed": killed, "manifest": manifest(args.out)}  # fmt: skip
+            "killed": killed, "manifest": manifest(args.out), "trace": traced}  # fmt: skip
 
 
 def matmul_gflops(dtype: str = "float32", n: int = 4096, reps: int = 3) -> float:
@@ -186,9 +240,26 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
                      "fp32 matmul"))  # fmt: skip
     for label, value in rows:
         print(f"| {label} | {value} |")
+    if result.get("trace"):
+        print(phase_table(plan, result["trace"], result["peak_rss"]))
     under = result["peak_rss"] <= (plan.get("budget") or float("inf"))
     print(f"\npeak within the cap: {under}")
     print(machine_lines("bench_scale.py"))
+
+
+def phase_table(plan: dict[str, Any], trace: dict[str, Any], peak: int) -> str:
+    """The plan's parts beside the measured RSS of every traced phase (largest first)."""
+    lines = ["", "| plan part | GiB |", "|---|---|"]
+    lines += [f"| {k} | {v / 2**30:.2f} |" for k, v in plan.get("parts", {}).items()]
+    estimate = plan.get("estimate", 0)
+    lines.append(f"| **plan (with margin)** | {estimate / 2**30:.2f} ({estimate / max(peak, 1) - 1:+.0%} "
+                 f"of the measured peak {peak / 2**30:.2f}) |")  # fmt: skip
+    lines += ["", f"peak grew last in: {trace['hwm_label']}", "", "| phase (romcomp frames) | max RSS | "
+              "max anon | first at s | samples |", "|---|---|---|---|---|"]  # fmt: skip
+    phases = sorted(trace["phases"].items(), key=lambda kv: -kv[1]["rss"])
+    lines += [f"| {k} | {v['rss'] / 2**30:.2f} | {v['anon'] / 2**30:.2f} | {v['first_s']} | {v['n']} |"
+              for k, v in phases[:20]]  # fmt: skip
+    return "\n".join(lines)
 
 
 def machine_lines(script: str) -> str:
@@ -213,6 +284,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=0, help="SIGKILL after this many blocks (0: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--trace", action="store_true", help="record the RSS of every phase (TRACER)")
     parser.add_argument(
         "--extra", default="", help="more romcomp options, e.g. '--allocation uniform --fit local'"
     )

@@ -1,12 +1,12 @@
 """``--max-ram``: parse the budget, estimate a run's peak from the model config, and pick a plan.
 
-The estimate adds up the buffers the engine holds at its peak (one block's weights in fp32, the float64
-covariances of one block, the activation cache, the embedding of the block-0 capture, the runtime's own
-baseline, and the larger of the forward temporaries of one batch and the decomposition workspace of its
-largest matrix, which never coexist), or the final top-level copy or a gradient method's streamed gradient
-pass if larger (phases of their own), plus a measured
-margin (``PLAN_MARGIN``). When nothing fits, the run is refused before any work, naming the smallest budget
-that would work.
+The estimate adds up the buffers the engine holds at its peak (one float32 block per activation stream,
+the float64 covariances of one stage, the activation cache, the runtime's own baseline, and the larger of
+the forward temporaries of one batch and the decomposition workspace of its costliest linear, which never
+coexist), or the final top-level copy or a gradient method's streamed gradient pass if larger (phases of
+their own; the block-0 capture, the embedding beside half the activation cache, is always below the
+top-level copy), plus a measured margin (``PLAN_MARGIN``). When nothing fits, the run is refused before
+any work, naming the smallest budget that would work.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ _UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 }  # fmt: skip
 
-RUNTIME_BASELINE = 700 * 2**20  # python + torch + transformers after import, measured ~600 MiB here
+RUNTIME_BASELINE = 600 * 2**20  # python + torch + transformers + the meta shell: RSS between blocks measured
+# 0.44-0.48 GiB (SmolLM2-135M), 0.56-0.59 GiB (Llama-2-7B shape; tools/bench_scale.py --trace)
 PLAN_MARGIN = 0.05
 """Added to the itemized estimate. Its largest measured shortfall: the error-aware default at the
 Llama-2-7B shape, 9.52 GiB itemized vs 9.62 GiB measured (twice, ±0.02) — 1% of heap and transients not
@@ -71,6 +72,7 @@ class ModelDims:
     cross_shapes: tuple[tuple[int, int], ...] | None = None  # linears the error-aware fit regresses on
     # their inputs (None: all); the others pair their outputs (ROM's workspace)
     shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
+    group_params: int = 0  # weights of the largest linear group (its dense linears outlive their factors)
     expert_covs: tuple[int, ...] = ()  # width of every expert's moment (all experts, projections of a block)
 
 
@@ -92,6 +94,7 @@ WORKSPACE = "decomposition workspace (float64)"
 TEMPORARIES = "forward temporaries"
 TAPS = "dense taps (the error-aware fit's stored dense values)"
 REPLAY = "replayed first sublayer (romcomp.compression.replay), one per compressed stream"
+BLOCK_WEIGHTS = "block weights (float32, one copy per stream)"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 GRADIENTS = "gradient pass (the head, or one block under autograd)"
 HEAD_CHUNK = (
@@ -121,8 +124,9 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
         (streams - 1) * (d + 1) * (d + e + 2) * f64  # the compressed side's square and the cross moment
         for d, e in zip(dims.linear_inputs, dense, strict=True)
     ]
+    local_covs = [(d + 1) ** 2 for d in dims.cov_dims]
     linear_covs = (
-        sum((d + 1) ** 2 for d in dims.cov_dims) * f64
+        (max(local_covs, default=0) if sequential else sum(local_covs)) * f64  # one stage's at a time
         if not cross
         else (max(cross_covs) if sequential else sum(cross_covs))
     )
@@ -130,15 +134,15 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
     expert_covs = sum((d + 1) ** 2 for d in dims.expert_covs) * f64
     return {
         "runtime": RUNTIME_BASELINE,
-        "block weights (source + fp32 + factors)": (3 + streams - 1) * dims.block_params * f32,
+        BLOCK_WEIGHTS: (streams * dims.block_params + (0 if cross else dims.group_params)) * f32,
         "covariances (float64)": max(linear_covs, expert_covs),
         WORKSPACE: _workspace(dims, cross),
         "activation cache": act,
         REPLAY: (streams - int(cross)) * n_samples * token_bytes if in_ram else 0,
         TAPS: sum(dense) * seq_len * (n_samples if in_ram else batch) * f32 if cross else 0,
-        TEMPORARIES: batch * seq_len * (4 * dims.intermediate + 8 * dims.hidden) * f32
-        + batch * dims.heads * seq_len * seq_len * f32 * 2,
-        "embedding (block-0 capture)": dims.vocab * dims.hidden * f32,
+        TEMPORARIES: batch * seq_len * (2 * dims.intermediate + 4 * dims.hidden) * f32
+        + batch * dims.heads * seq_len * seq_len * f32,  # a dense forward at the 7B shape, 8 × 512: 0.56 GiB
+        # measured (bench_scale --trace), 0.84 counted
         TOP_LEVEL: 3 * dims.vocab * dims.hidden * f32,
         GRADIENTS: _gradient_phase(dims, n_samples, seq_len, gradients) if gradients else 0,
     }
@@ -168,22 +172,75 @@ def _gradient_phase(dims: ModelDims, n_samples: int, seq_len: int, gradients: in
 
 
 def _workspace(dims: ModelDims, cross: bool) -> int:
-    """The decomposition's float64 temporaries for its largest linear.
+    """The decomposition's temporaries for its costliest linear, besides the statistics (counted as
+    covariances): the largest of :func:`rom_workspace` (the local fit; from output moments where the
+    covariances say so), :func:`regression_workspace` (the error-aware fit's linears in ``cross_shapes``)
+    and, for the error-aware fit's others (paired outputs), twice ROM's from outputs, plus
+    ``WORKSPACE_OVERHEAD``."""
+    widths = set(dims.cov_dims)
 
-    ROM: W, M = W Σ^½ and the basis (big × small) plus Σ, its root and the small eigenproblem. The
-    error-aware fit's peak is its ridge regression (``error_aware.target_map``): two (d_in + 1)² squares
-    (Σ + δI, its Cholesky root) and four d_out × (d_in + 1) products, plus the whitening root a group of
-    several linears keeps memoized meanwhile. Measured at Llama-2-7B's shapes (``tests/test_math.py``
-    plants them smaller): down_proj 2.88 GiB (counted 3.15), gate_proj 1.27 (1.59), q_proj 0.65 (0.75).
-    """
-    f64 = 8
-    rom = max(4 * min(s) ** 2 + 3 * max(s) * min(s) for s in dims.linear_shapes) * f64
+    def local(d_in: int, d_out: int) -> int:  # the local fit reads a narrow linear's outputs when no
+        # covariance of its input width was accumulated (ambiguous: the costlier input route)
+        return rom_workspace(d_in, d_out, outputs=d_out < d_in and d_in not in widths)
+
     if not cross:
-        return rom
+        return max((local(*s) for s in dims.linear_shapes), default=0) + WORKSPACE_OVERHEAD
     shapes = dims.linear_shapes if dims.cross_shapes is None else dims.cross_shapes
-    fit = max((2 * (d_in + 1) ** 2 + 4 * d_out * (d_in + 1) for d_in, d_out in shapes), default=0) * f64
-    memo = max(((d + 1) ** 2 for d in dims.shared_inputs), default=0) * f64
-    return max(rom, fit + memo)
+    shared = set(dims.shared_inputs)
+    fit = max((regression_workspace(d_in, d_out, d_in in shared) for d_in, d_out in shapes), default=0)
+    rest = list(dims.linear_shapes)
+    for s in shapes:
+        if s in rest:
+            rest.remove(s)
+    by_outputs = max((2 * rom_workspace(d_in, d_out, outputs=True) for d_in, d_out in rest), default=0)
+    return max(fit, by_outputs) + WORKSPACE_OVERHEAD
+
+
+WORKSPACE_OVERHEAD = 32 * 2**20
+"""Besides the tensors the formulas below name: BLAS/LAPACK buffers and allocator slack, measured
+16-22 MiB at every shape (d 1024-2752, two threads) over the formulas' float64 redo route."""
+
+
+def _eigensolve(d_in: int, d_out: int) -> int:
+    """``top_left_singular`` of the whitened d_out × d_in product (float32, 4 d_out d_in bytes, held by
+    the caller): the Gram (s² for s = the smaller side), LAPACK ``syevd``'s scaled copy, Fortran copy and
+    work (2 s²); and its float64 redo when the float32 tail is unresolved (``FLOAT32_TAIL_FLOOR``, ~10%
+    of the linears of real models): the product in float64 beside the float32 one, a float64 Gram, copy,
+    Fortran copy and work — the larger, a plan may not bet on the float32 route."""
+    s = min(d_in, d_out)
+    return max(4 * d_out * d_in + 20 * s * s, 12 * d_out * d_in + 40 * s * s)
+
+
+def rom_workspace(d_in: int, d_out: int, outputs: bool = False) -> int:
+    """ROM's decomposition of one linear, bytes. From output moments: ``top_eigvecs`` of the d_out² moment
+    (a mirrored float64 copy and ``syevd``'s, float64 at worst: 40 d_out² bytes). From inputs: the
+    whitening root (Σ mirrored and its Cholesky root, float64: 16 d_in²; the root stays memoized), the
+    float32 whitened product and the eigensolve (:func:`_eigensolve`).
+
+    Measured at a quarter and a half of Llama-2-7B's shapes, forcing the float64 redo (the float32
+    route: 55-85% of it), VmHWM over the RSS before: (1024 → 2752) 101.6 MiB (this formula 80.2),
+    (1024 → 1024) 74.3 (60.0), (2048 → 2048) 258.5 (240.0), (2752 → 1024) 147.7 (130.0), from outputs
+    (2752 → 1024) 38.6 (40.0) — the differences are ``WORKSPACE_OVERHEAD``."""
+    if outputs:
+        return 40 * d_out * d_out
+    n = d_in
+    return max(16 * n * n, 12 * n * n + 4 * d_out * n, 8 * n * n + _eigensolve(d_in, d_out))
+
+
+def regression_workspace(d_in: int, d_out: int, memoized: bool = False) -> int:
+    """The error-aware fit of one linear, bytes (``error_aware.decompose``, from paired inputs or dense
+    outputs): ``target_map`` holds the float64 weight (8 d_out d_in), Σ (float64) with its float32 copy
+    and Cholesky root, the float32 numerator and the solve's result — at most 16 d_in² + 12 d_out d_in
+    (plus a root memoized by an earlier linear of the group) or 4 d_in² + 16 d_out d_in; then, with the
+    float64 map M₀ (8 d_out d_in) held, ROM's steps on ``M₀`` (:func:`rom_workspace`'s, with M₀ cast).
+
+    Measured as :func:`rom_workspace` (float64 redo forced): paired inputs (1024 → 2752) 123.8 MiB
+    (this formula 101.8), (1024 → 1024) 83.9 (68.0), (2048 → 2048) 291.2 (272.0), (2048 → 1024) 129.5
+    (112.0); paired dense outputs (2752 → 1024) 169.6 (151.5), (2048 → 1024) 128.2 (112.0)."""
+    n, mn = d_in, d_out * d_in
+    memo = 8 * n * n if memoized else 0
+    target = max(16 * n * n + 12 * mn + memo, 4 * n * n + 16 * mn + memo)
+    return max(target, 12 * n * n + 16 * mn, 8 * n * n + 8 * mn + _eigensolve(d_in, d_out))
 
 
 def peak_bytes(parts: dict[str, int]) -> int:

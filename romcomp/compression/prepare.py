@@ -213,6 +213,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         cross_shapes=tuple((lin.in_features, lin.out_features) for lin in regressed)
         + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
         shared_inputs=tuple(block.get_submodule(g[0]).in_features for g in arch.groups if len(g) > 1),
+        group_params=max(sum(block.get_submodule(n).weight.numel() for n in g) for g in arch.groups),
     )
 
 
