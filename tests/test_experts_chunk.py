@@ -60,3 +60,47 @@ def test_chunked_expert_statistics_give_the_same_factors():
         for n in arch.experts:
             assert torch.equal(results[chunk][n].down, results[None][n].down)
             assert torch.equal(results[chunk][n].up, results[None][n].up)
+
+
+def test_plan_splits_the_expert_moments_before_spilling_activations():
+    """60 experts (Qwen1.5-MoE's count) with two projections' moments each (1024 and 512 wide), 0.62 GiB
+    at once: under a cap short of half of them the plan keeps activations in RAM at batch 8 and holds 15
+    experts' moments per pass, also in the pre-pass phase, which holds a chunk beside every linear's."""
+    from romcomp.compression.memory import ModelDims, estimate, expert_chunks, peak_bytes, plan
+
+    dims = ModelDims(hidden=1024, intermediate=512, heads=8, vocab=1000, block_params=2_000_000,
+                     linear_shapes=((1024, 1024),) * 4, cov_dims=(1024, 1024), linear_inputs=(1024, 1024),
+                     expert_covs=(1024,) * 60 + (512,) * 60, n_experts=60)  # fmt: skip
+    assert expert_chunks(60) == [None, 30, 15, 7, 3, 1]
+    every = sum((d + 1) ** 2 for d in dims.expert_covs) * 8
+    whole = estimate(dims, 8, 128, 8, True, profile=True)
+    assert whole["covariances (float64)"] >= every
+    budget = peak_bytes(whole) - every // 2  # the whole set does not fit, a quarter does
+    chosen = plan(dims, 8, 128, budget, profile=True)
+    assert (chosen.expert_chunk, chosen.batch_size, chosen.activations_in_ram) == (15, 8, True)
+    assert chosen.parts["covariances (float64)"] == 2 * (1025**2 * 8) + -(-every * 15 // 60)
+
+
+def test_a_run_in_expert_chunks_writes_the_bytes_of_one_pass(tmp_path, calib_text, monkeypatch):
+    """End to end on a tiny Mixtral with the default allocation (the pre-pass's expert spectra and the
+    experts' fit both chunked): the plan's chunk of one expert reaches the manifest and the shards equal
+    an unchunked run's."""
+    from romcomp.api import run
+    from romcomp.compression import memory
+    from romcomp.compression.config import CompressConfig
+    from tests.families import make_family_model
+
+    src = make_family_model(tmp_path / "src", "mixtral", layers=2)
+    cfg = {"model": str(src), "calib": str(calib_text), "ratio": 0.3, "n_samples": 8, "seq_len": 64,
+           "progress": False, "max_ram": "2GB"}  # fmt: skip
+    whole = run(CompressConfig(out=tmp_path / "whole", **cfg))
+    assert whole.plan.expert_chunk is None
+    monkeypatch.setattr(memory, "expert_chunks", lambda n: [1])
+    chunked = run(CompressConfig(out=tmp_path / "chunked", **cfg))
+    assert chunked.plan.expert_chunk == 1
+    assert whole.ranks == chunked.ranks
+
+    def shards(out):
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    assert shards(whole.out) == shards(chunked.out)

@@ -38,6 +38,8 @@ from bench_scale import (  # noqa: E402
     run_parser,
 )
 
+from romcomp.compression.config import PREPASS_TOKENS  # noqa: E402
+
 
 def linear_gflops(torch_dtype: str, tokens: int = 512, d_in: int = 4096, d_out: int = 4096) -> float:
     """A linear layer's speed in ``torch_dtype`` (bfloat16 has no fast path on CPUs without AVX-512 BF16 or
@@ -78,6 +80,7 @@ def run_variant(args: argparse.Namespace, name: str, extra: str) -> dict[str, An
     ns = argparse.Namespace(
         model=args.model, ratio=args.ratio, out=args.work / name, max_ram=args.max_ram,
         n_samples=args.n_samples, seq_len=args.seq_len, extra=extra, threads=args.threads, blocks=0,
+        trace=False,
     )  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     result = run(ns)
@@ -150,8 +153,17 @@ def report(args: argparse.Namespace, plain: dict[str, Any], results: dict[str, d
         + " |"
     )
 
+    def grows(part: str) -> float:
+        """How a part grows from this calibration to 128 × 512: with the tokens, except the pre-pass,
+        which reads at most ``PREPASS_TOKENS`` by default."""
+        if not SCALES[part]:
+            return 1.0
+        if part.startswith("pre-pass"):
+            return min(STANDARD_TOKENS, PREPASS_TOKENS) / min(tokens, PREPASS_TOKENS)
+        return STANDARD_TOKENS / tokens
+
     def projected(n: str) -> str:
-        scaled = sum(v * (STANDARD_TOKENS / tokens if SCALES[k] else 1) for k, v in parts[n].items())
+        scaled = sum(v * grows(k) for k, v in parts[n].items())
         return f"{args.full_blocks * scaled / 3600:.2f} h"
 
     rows = {

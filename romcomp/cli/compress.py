@@ -75,6 +75,14 @@ def compress(
     last_n: Annotated[
         int | None, typer.Option(help="With --allocation last-n: how many final blocks to compress.")
     ] = None,
+    prepass_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Calibration windows (the first N) the dense pre-pass of --allocation auto, v2 or asvd "
+            "reads [default: all].",
+            show_default=False,
+        ),
+    ] = None,
     density: Annotated[
         float | None,
         typer.Option(
@@ -114,7 +122,7 @@ def compress(
     cfg = CompressConfig(
         model=model, ratio=ratio, out=out, max_ram=max_ram, method=method, calib=calib, n_samples=n_samples,
         seq_len=seq_len, seed=seed, data_dir=data_dir, calib_stream=calib_stream, sequential=sequential,
-        fit=fit, allocation=allocation, last_n=last_n, density=density,
+        fit=fit, allocation=allocation, last_n=last_n, prepass_samples=prepass_samples, density=density,
         threads=threads, overwrite=overwrite, progress=progress, compute_dtype=compute_dtype,
     )  # fmt: skip
     spec = cfg.resolve()

@@ -58,9 +58,9 @@ class Forwards:
 FORWARDS: dict[str, Forwards] = {
     "profile": Forwards(fixed=1.2),  # the dense pre-pass (--allocation auto, v2, asvd), statistics included
     "gradients": Forwards(fixed=4.0),  # forward sweep 1; reverse: recomputed forward 1 + backward ~2
-    "error-aware": Forwards(fixed=1.0, per_ratio=2.3),  # one dense forward (DenseTaps); each ratio's
-    "local compressed": Forwards(per_ratio=1.0, per_ratio_stage=0.35),  # stopped statistics, propagation
-    "local dense": Forwards(per_ratio=0.65, per_ratio_stage=0.35),  # the first stage runs on (the sinks)
+    "error-aware": Forwards(fixed=1.0, per_ratio=1.85),  # one dense forward (DenseTaps); each ratio's
+    "local compressed": Forwards(per_ratio=0.72, per_ratio_stage=0.35),  # stopped statistics, propagation
+    "local dense": Forwards(per_ratio=0.37, per_ratio_stage=0.35),  # the first stage runs on (the sinks)
     "local dense shared": Forwards(fixed=1.0),  # the ratios share one forward (dense stream, one stage)
 }
 """Every pass's block forwards, the numbers to recalibrate against measured runs (``block_times`` of the
@@ -70,7 +70,12 @@ error-aware pass 3.33 at one ratio (one dense forward, then the compressed parti
 statistics — 11008² pairs at ``down_proj`` — and the propagation); the local pass 2.37; the local fit's
 statistics forward of a stage stops after the stage's last leader (Llama: 0, 0.25, 0.33, 0.78 of a block
 for q/k/v, o, gate/up, down: ~0.35 a stage), plus the propagation (1.0; on the dense stream the first
-stage's forward runs on to fill the sinks); the gradient pass 4.0 (counted, not measured)."""
+stage's forward runs on to fill the sinks); the gradient pass 4.0 (counted, not measured). Since then (same
+benchmark, another day: one plain forward 48.9 s a block) ``down_proj``'s paired statistics from the dense
+outputs and the replayed attention (:mod:`romcomp.compression.replay`) brought the error-aware pass to 2.87
+and the local one to 2.09: ``per_ratio`` lowered by those differences (0.46, 0.28). The header's estimate
+of that run: +29% (default) and -11% (uniform local) before this change, whose 7B probe (one cold window)
+reads a forward 1.4× slower than the plain one."""
 
 LOADS = {"profile": 1, "gradients": 2, "blocks": 1}
 """Block loads per block of each pass (the gradient pass loads every block on the way up and down)."""
@@ -118,6 +123,7 @@ class RunModel:
     calib_stream: str = "compressed"
     stages: int = 1  # fit stages per block (linear groups with --sequential)
     profile: bool = True  # a data-driven allocation: the dense pre-pass
+    prepass_windows: int | None = None  # the windows the pre-pass reads (None: all)
     sensitivity: bool = False  # --allocation asvd: sensitivities measured in the pre-pass
     gradients: bool = False  # a gradient method's streamed gradient pass
     output_stats: bool = True  # the local fit decomposes from the outputs' moment where that is narrower
@@ -178,7 +184,11 @@ def forward_equivalents(run: RunModel) -> dict[str, float]:
     """Forward-equivalents per block of every pass the run makes, in run order (:data:`FORWARDS`)."""
     out: dict[str, float] = {}
     if run.profile:
-        out["profile"] = _count(FORWARDS["profile"], run)
+        out["profile"] = (
+            _count(FORWARDS["profile"], run)
+            * min(run.prepass_windows or run.windows, run.windows)
+            / run.windows
+        )
         if run.sensitivity:  # every linear at every candidate, on the first WINDOWS windows, + the reference
             candidates = len(run.linears) * len(ASVD_CANDIDATES) + 1
             out["profile"] += candidates * min(SENSITIVITY_WINDOWS, run.windows) / run.windows

@@ -74,6 +74,7 @@ class ModelDims:
     shared_inputs: tuple[int, ...] = ()  # input width of each group of several linears (a memoized root)
     group_params: int = 0  # weights of the largest linear group (its dense linears outlive their factors)
     expert_covs: tuple[int, ...] = ()  # width of every expert's moment (all experts, projections of a block)
+    n_experts: int = 0  # experts per fused projection (the expert moments are held a chunk of them at a time)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class MemoryPlan:
     batch_size: int
     activations_in_ram: bool
     parts: dict
+    expert_chunk: int | None = None  # MoE experts whose moments one statistics pass holds (None: all)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,7 +95,7 @@ class MemoryPlan:
 WORKSPACE = "decomposition workspace (float64)"
 TEMPORARIES = "forward temporaries"
 TAPS = "dense taps (the error-aware fit's stored dense values)"
-REPLAY = "replayed first sublayer (romcomp.compression.replay), one per compressed stream"
+REPLAY = "replayed attention (recorded outputs)"  # romcomp.compression.replay, one per compressed stream
 BLOCK_WEIGHTS = "block weights (float32, one copy per stream)"
 TOP_LEVEL = "top-level copy (largest tensor, read + mapped + checked)"
 GRADIENTS = "gradient pass (the head, or one block under autograd)"
@@ -104,7 +106,8 @@ HEAD_CHUNK = (
 
 def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: bool,
              streams: int = 1, cross: bool = False, sequential: bool = True,
-             gradients: int = 0) -> dict[str, int]:  # fmt: skip
+             gradients: int = 0, profile: bool = False, expert_chunk: int | None = None,
+             ) -> dict[str, int]:  # fmt: skip
     """Bytes by part for one configuration; :func:`peak_bytes` combines them by phase.
 
     ``gradients``: the streamed gradient pass runs first (:mod:`romcomp.compression.gradients`) with that many
@@ -115,6 +118,9 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
     ``cross``, the error-aware fit); each adds a block copy. With ``cross`` every compressed stream has,
     per group, a cross moment beside the second moment: for the groups of one stage at a time when
     ``sequential`` (the engine collects and fits stage by stage), for all groups at once otherwise.
+
+    ``profile``: the dense pre-pass runs (data-driven allocation); it holds every linear's moment of a
+    block at once, and a chunk's expert moments. ``expert_chunk``: experts per statistics pass (None: all).
     """
     f32, f64 = 4, 8
     token_bytes = seq_len * dims.hidden * f32
@@ -130,8 +136,12 @@ def estimate(dims: ModelDims, n_samples: int, seq_len: int, batch: int, in_ram: 
         if not cross
         else (max(cross_covs) if sequential else sum(cross_covs))
     )
-    # the experts' stage comes after the linears' moments are freed, one output at a time
+    # the experts' stage comes after the linears' moments are freed, ``expert_chunk`` experts at a time
+    n = dims.n_experts
     expert_covs = sum((d + 1) ** 2 for d in dims.expert_covs) * f64
+    expert_covs = -(-expert_covs * min(expert_chunk or n, n) // n) if n else 0
+    if profile:  # the pre-pass: every linear's moment and a chunk of the experts' in the same forwards
+        linear_covs = max(linear_covs, sum(local_covs) * f64 + expert_covs)
     return {
         "runtime": RUNTIME_BASELINE,
         BLOCK_WEIGHTS: (streams * dims.block_params + (0 if cross else dims.group_params)) * f32,
@@ -254,24 +264,37 @@ def peak_bytes(parts: dict[str, int]) -> int:
 
 
 def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: int = 1,
-         cross: bool = False, sequential: bool = True, gradients: int = 0) -> MemoryPlan:  # fmt: skip
-    """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum."""
+         cross: bool = False, sequential: bool = True, gradients: int = 0,
+         profile: bool = False) -> MemoryPlan:  # fmt: skip
+    """The most comfortable configuration that fits ``budget``, or a refusal naming the minimum. MoE
+    experts' moments are split into chunks (one more statistics forward each) before the activations
+    are: a chunk costs a partial block forward, spilling costs disk traffic on every pass."""
     best: tuple[int, dict[str, int]] | None = None
     for in_ram in (True, False):
         for batch in BATCH_CHOICES:
-            parts = estimate(
-                dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross, sequential, gradients
-            )
-            total = int(peak_bytes(parts) * (1 + PLAN_MARGIN))
-            if total <= budget:
-                return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts)
-            if best is None or total < best[0]:
-                best = (total, parts)
+            for chunk in expert_chunks(dims.n_experts):
+                parts = estimate(dims, n_samples, seq_len, min(batch, n_samples), in_ram, streams, cross,
+                                 sequential, gradients, profile, chunk)  # fmt: skip
+                total = int(peak_bytes(parts) * (1 + PLAN_MARGIN))
+                if total <= budget:
+                    return MemoryPlan(budget, total, min(batch, n_samples), in_ram, parts, chunk)
+                if best is None or total < best[0]:
+                    best = (total, parts)
     assert best is not None
     raise BadInputError(
         f"--max-ram {fmt_bytes(budget)} is too small for this model and calibration set; "
         f"the smallest plan needs about {fmt_bytes(best[0])} (activations spilled to disk, batch 1)"
     )
+
+
+def expert_chunks(n: int) -> list[int | None]:
+    """Experts per statistics pass to try, most comfortable first: all (None), then halves down to one."""
+    sizes: list[int | None] = [None]
+    size = n // 2
+    while size >= 1:
+        sizes.append(size)
+        size //= 2
+    return sizes if n else [None]
 
 
 def peak_rss() -> int:

@@ -61,8 +61,8 @@ def run_spec(spec: RunSpec, announce: Callable[[RunPlan], None] | None = None) -
                 gradients = gradient_pass(io, targets[0].output.work, p.windows, p.n_blocks,
                                           p.spec.progress, p.spec.method.gradients == "full")  # fmt: skip
             ctx = FitContext(io, p.spec.method, dict(p.spec.options), p.spec.sequential,
-                             p.spec.calib_stream, gradients,
-                             cross_outputs=p.spec.narrow_outputs)  # fmt: skip
+                             p.spec.calib_stream, gradients, cross_outputs=p.spec.narrow_outputs,
+                             expert_chunk=p.mem.expert_chunk)  # fmt: skip
             resumed = [len(t.manifest.blocks_done) for t in targets]
             times = compress_blocks(ctx, p.spec.fit, targets, p.windows, p.mem.activations_in_ram,
                                     p.n_blocks, p.spec.progress)  # fmt: skip
@@ -127,6 +127,7 @@ def run_model(p: Prepared) -> RunModel:
         n_blocks=p.n_blocks, windows=spec.n_samples, seq_len=spec.seq_len, linears=linears, fit=spec.fit,
         n_ratios=len(spec.ratios), calib_stream=spec.calib_stream,
         stages=len(p.arch.groups) if spec.sequential else 1, profile=fixed[0] is None,
+        prepass_windows=spec.prepass_samples,
         sensitivity=fixed[0] is None and spec.allocation == "asvd",
         gradients=spec.method.gradients is not None, output_stats=spec.method.decompose_outputs is not None,
         cross_outputs=spec.narrow_outputs, compressed=share,
@@ -185,8 +186,9 @@ def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
     from romcomp.compression.profile import profile, profile_times
 
     t0 = time.perf_counter()
-    spectra = profile(io, targets[0].output, p.windows, p.mem.activations_in_ram, p.n_blocks, p.spec.progress,
-                      p.spec.allocation == "asvd")  # fmt: skip
+    spectra = profile(io, targets[0].output, p.windows[: p.spec.prepass_samples],
+                      p.mem.activations_in_ram, p.n_blocks, p.spec.progress, p.spec.allocation == "asvd",
+                      p.mem.expert_chunk)  # fmt: skip
     seconds = round(time.perf_counter() - t0, 3)
     per_block = profile_times(targets[0].output.work, p.n_blocks)
     for t in targets:

@@ -107,7 +107,7 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
 
     def planned(s: RunSpec, n_streams: int) -> MemoryPlan:
         return plan(dims(s.narrow_outputs), s.n_samples, s.seq_len, budget, n_streams,
-                    s.fit == "error-aware", s.sequential, grads)  # fmt: skip
+                    s.fit == "error-aware", s.sequential, grads, s.prepass_samples is not None)  # fmt: skip
 
     try:
         return spec, planned(spec, streams)
@@ -116,7 +116,8 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
             raise
         first = refused
     full = int(peak_bytes(estimate(dims(False), spec.n_samples, spec.seq_len, 1, False, streams, True,
-                                   spec.sequential, grads)) * (1 + PLAN_MARGIN))  # fmt: skip
+                                   spec.sequential, grads, spec.prepass_samples is not None,
+                                   1 if dims(False).n_experts else None)) * (1 + PLAN_MARGIN))  # fmt: skip
     why = f"the error-aware fit needs about {fmt_bytes(full)}, more than --max-ram {fmt_bytes(budget)}: "
     steps = []
     if spec.method.decompose_cross_outputs is not None:
@@ -208,6 +209,7 @@ def model_dims(hf_config, arch: ArchSpec, model: torch.nn.Module, output_stats: 
         + tuple((d_in, d_out) for _, d_in, d_out, _ in experts),
         cov_dims=tuple(covs),
         expert_covs=tuple(expert_covs),
+        n_experts=max((n for n, *_ in experts), default=0),
         linear_inputs=tuple(paired),
         paired_dense=tuple(dense),
         cross_shapes=tuple((lin.in_features, lin.out_features) for lin in regressed)

@@ -1,6 +1,7 @@
 """The dense pre-pass for data-driven rank allocation: every linear's output spectrum, and energies.
 
-One streamed pass of the *dense* model over the calibration set (one block in memory, like the main pass):
+One streamed pass of the *dense* model over the first ``--prepass-samples`` calibration windows (the caller
+passes them; :func:`romcomp.compression.config.prepass_windows` is the default), one block in memory:
 for each linear, the eigenvalues of its output second moment ``W̃ Σ̃ W̃ᵀ`` (per token); for each residual
 sublayer, the energy of the residual stream entering it and of what it writes back. Per-block results are
 cached in ``<out>/.romcomp/spectra/`` (atomic files), so a killed run resumes the pre-pass where it stopped
@@ -43,25 +44,55 @@ def spectra_path(work: Path, index: int) -> Path:
     return work / "spectra" / f"block-{index:05d}.safetensors"
 
 
-def eigvals_desc(sym: torch.Tensor) -> torch.Tensor:
-    """All eigenvalues, descending, float64 (no eigenvectors: a fraction of a full solve). LAPACK's
-    divide and conquer can fail to converge on degenerate matrices; the QR-based solver then serves."""
+SPECTRA_DTYPE = torch.float32
+"""The precision of the pre-pass's spectra: the whitened products and Grams feeding them, and their
+eigenvalues (the whitening root itself stays float64; a non-finite float32 Gram or solve is redone in
+float64). Measured (docs/results.md, "Pre-pass speed"): at Llama-2-7B shapes one block's spectra take 60 s
+of one core in float32 against 111 s in float64 (q/k/v/o 7.8 vs 13.7 s each, gate/up 11.0 vs 22.6 s,
+down_proj's 4096² moment 4.1 vs 7.8 s); on SmolLM2-135M (C4, massive activations) the eigenvalues agree to
+7.7e-7 of each linear's largest and the auto allocation's ranks at 0.2 and 0.3 are identical. The
+allocation reads only sums of eigenvalues against one global threshold, where float32's ~1e-6·λ_max
+round-off moves no rank (unlike the fit's eigenvectors, :func:`romcomp.methods.linalg.top_eigvecs`)."""
+
+
+def eigvals_desc(sym: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """All eigenvalues, descending, as float64 (no eigenvectors: a fraction of a full solve), solved in
+    ``dtype`` on a copy scaled to unit maximum diagonal (no overflow in float32). LAPACK's divide and conquer
+    can fail to converge on degenerate matrices; torch's float64 solver then serves, as it does when a
+    single-precision solve returns anything not finite."""
+    scale = float(sym.diagonal().abs().max()) if sym.numel() else 1.0
+    scale = scale if 0 < scale < float("inf") else 1.0  # a zero matrix stays zero, not NaN
+    vals = None
     try:
-        vals = scipy.linalg.eigh(sym.double().numpy(), eigvals_only=True, driver="evd", check_finite=False)
+        a = (sym / scale).to(dtype) if dtype != torch.float64 else sym.double() / scale
+        vals = scipy.linalg.eigh(
+            a.numpy(), eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False
+        )
     except (np.linalg.LinAlgError, ValueError):
-        vals = torch.linalg.eigvalsh(sym.double()).numpy()
-    return torch.from_numpy(np.ascontiguousarray(vals[::-1])).clamp_min(0)
+        pass
+    if vals is None or not np.isfinite(vals).all():
+        vals = torch.linalg.eigvalsh(sym.double() / scale).numpy()
+    out = torch.from_numpy(np.ascontiguousarray(vals[::-1])).double() * scale
+    return out.clamp_min(0)
 
 
-def output_spectrum(weight: torch.Tensor, bias: torch.Tensor | None, stats, by_output: bool) -> torch.Tensor:
+def output_spectrum(weight: torch.Tensor, bias: torch.Tensor | None, stats, by_output: bool,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """Eigenvalues of the output second moment per token: from the outputs' own moment, or through the
-    whitened weight ``M = W̃ L`` (the Gram of its smaller side has the same nonzero eigenvalues)."""
+    whitened weight ``M = W̃ L`` (the Gram of its smaller side has the same nonzero eigenvalues); in
+    ``dtype`` (default :data:`SPECTRA_DTYPE`), float64 again where that gives anything not finite."""
+    dtype = SPECTRA_DTYPE if dtype is None else dtype
     if by_output:
-        return eigvals_desc(stats.second_moment)
+        return eigvals_desc(stats.second_moment, dtype)
     root, _ = whitening_root(stats, bias is not None)
-    m = augmented_weight(weight, bias) @ root
+    if dtype != torch.float64:
+        root = stats.memo(("spectra root", bias is not None, dtype), lambda: root.to(dtype))
+    m = augmented_weight(weight, bias, dtype) @ root
     gram = syrk_upper(m.T) if m.shape[0] <= m.shape[1] else syrk_upper(m)
-    return eigvals_desc(symmetric_from_upper(gram))
+    del m
+    if dtype != torch.float64 and not bool(torch.isfinite(gram).all()):
+        return output_spectrum(weight, bias, stats, by_output, torch.float64)
+    return eigvals_desc(symmetric_from_upper(gram), dtype)
 
 
 @dataclass
@@ -81,10 +112,13 @@ def profile_block(
     source: Boundary,
     sink: Boundary | None,
     sensitivity: bool = False,
+    expert_chunk: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Spectra and energy weights of the loaded block ``index`` on the dense stream; its outputs go to
     ``sink``. With ``sensitivity``, also every linear's ASVD sensitivity per candidate
-    (:mod:`romcomp.compression.sensitivity`)."""
+    (:mod:`romcomp.compression.sensitivity`). MoE experts' moments are held ``expert_chunk`` experts at
+    a time (the memory plan's choice): the first chunk in the forward that fills ``sink``, each further
+    one in a forward stopped after the experts."""
     arch = io.arch
     narrow = [g for g in arch.groups if len(g) == 1 and narrower_at_output(block.get_submodule(g[0]))]
     wide = [g for g in arch.groups if g not in narrow]
@@ -93,7 +127,12 @@ def profile_block(
     with (
         collect_input_stats(block, wide) as stats,
         collect_output_stats(block, [g[0] for g in narrow]) as out_stats,
-        collect_expert_stats(block, arch.experts, lambda n: experts_narrow(block, n)) as expert_stats,
+        collect_expert_stats(
+            block,
+            arch.experts,
+            lambda n: experts_narrow(block, n),
+            experts=_chunks(block, arch, expert_chunk)[0],
+        ) as expert_stats,
         _energy_hooks(block, arch, energy) as current,
         torch.inference_mode(),
     ):
@@ -106,6 +145,12 @@ def profile_block(
         eig = _block_spectra(block, arch, narrow, stats, out_stats, keep_roots=sensitivity)
         for name in arch.experts:
             eig[name] = experts_spectrum(block, name, expert_stats, tokens)
+    for chunk in _chunks(block, arch, expert_chunk)[1:]:
+        with collect_expert_stats(block, arch.experts, lambda n: experts_narrow(block, n), stop=True,
+                                  experts=chunk) as expert_stats:  # fmt: skip
+            io.forward_until_stopped(index, block, source)
+            for name in arch.experts:
+                eig[name] = _padded_sum(eig[name], experts_spectrum(block, name, expert_stats, tokens))
     result: dict[str, torch.Tensor] = {"tokens": torch.tensor(float(tokens), dtype=torch.float64)}
     result["seconds.forward"] = torch.tensor(t1 - t0, dtype=torch.float64)  # forwards + statistics
     prefix = arch.block_prefix(index)
@@ -196,6 +241,14 @@ def _owners(projections) -> list[str]:
     return list(dict.fromkeys(name.rpartition(".")[0] for name in projections))
 
 
+def _chunks(block: nn.Module, arch: ArchSpec, size: int | None) -> list[range | None]:
+    """The experts of each statistics pass: all in one (``[None]``), or ranges of ``size``."""
+    if not arch.experts or size is None:
+        return [None]
+    n = projection_shape(block, arch.experts[0])[0]
+    return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
 def experts_spectrum(block: nn.Module, name: str, stats: dict, tokens: int) -> torch.Tensor:
     """The eigenvalues a shared rank of fused projection ``name`` discards, per token of the layer: each
     expert's output spectrum over its routed tokens, weighted by the share of tokens it sees (an expert no
@@ -235,6 +288,7 @@ class ProfilePass:
     acts: Callable[[int], Path]  # the dense stream's boundary file before block i
     n_blocks: int
     sensitivity: bool = False
+    expert_chunk: int | None = None
     label: str = "profile"
     _tensors: dict[str, torch.Tensor] | None = None
 
@@ -246,7 +300,7 @@ class ProfilePass:
 
     def process(self, index: int, block: nn.Module, sources: Streams, sinks: Streams) -> None:
         self._tensors = profile_block(
-            self.io, index, block, sources["dense"], sinks.get("dense"), self.sensitivity
+            self.io, index, block, sources["dense"], sinks.get("dense"), self.sensitivity, self.expert_chunk
         )
 
     def finish(self, index: int, sources: Streams) -> None:
@@ -256,14 +310,16 @@ class ProfilePass:
 
 
 def profile(io: BlockIO, output, windows: torch.Tensor, in_ram: bool, n_blocks: int,
-            progress: bool, sensitivity: bool = False) -> dict[str, LinearSpectrum]:  # fmt: skip
+            progress: bool, sensitivity: bool = False,
+            expert_chunk: int | None = None) -> dict[str, LinearSpectrum]:  # fmt: skip
     """Run (or resume) the dense pre-pass into ``output``'s work directory; returns every block linear's
     :class:`LinearSpectrum` (with ASVD's sensitivities when ``sensitivity``)."""
     work = output.work
     todo = [i for i in range(n_blocks) if not spectra_path(work, i).exists()]
     if todo:
         spectra_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
-        task = ProfilePass(io, work, lambda i: output.acts_path(i, "profile"), n_blocks, sensitivity)
+        task = ProfilePass(io, work, lambda i: output.acts_path(i, "profile"), n_blocks, sensitivity,
+                           expert_chunk)  # fmt: skip
         runner = Runner(io, io.stream_shape(windows), in_ram, progress)
         carry = runner.start(windows, task.sources(todo[0]), fresh=todo[0] == 0)
         runner.run(task, range(todo[0], n_blocks), carry, total=n_blocks, done=todo[0])
