@@ -154,11 +154,11 @@ def report(args: argparse.Namespace, plain: dict[str, Any], results: dict[str, d
     )
 
     def grows(part: str) -> float:
-        """How a part grows from this calibration to 128 × 512: with the tokens, except the pre-pass,
-        which reads at most ``PREPASS_TOKENS`` by default."""
+        """How a part grows from this calibration to 128 × 512: with the tokens, except the pre-pass
+        when it reads at most ``PREPASS_TOKENS`` by default."""
         if not SCALES[part]:
             return 1.0
-        if part.startswith("pre-pass"):
+        if part.startswith("pre-pass") and PREPASS_TOKENS is not None:
             return min(STANDARD_TOKENS, PREPASS_TOKENS) / min(tokens, PREPASS_TOKENS)
         return STANDARD_TOKENS / tokens
 
