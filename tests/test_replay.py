@@ -33,24 +33,22 @@ def tiny3(tmp_path_factory) -> Path:
 def test_first_sublayer_is_found_from_the_layout(family, expected):
     model = AutoModelForCausalLM.from_config(tiny_config(family, 2))
     arch = discover(model, model.config)
-    block = model.get_submodule(arch.blocks)[0]
-    assert replay.first_sublayer(block, arch) == expected
+    assert replay.first_sublayer(arch) == expected
 
 
 def test_first_sublayer_of_an_encoder(tmp_path):
     model = AutoModel.from_pretrained(make_bert(tmp_path / "bert"))
     arch = discover(model, model.config)
-    assert replay.first_sublayer(model.get_submodule(arch.blocks)[0], arch) == "attention"
+    assert replay.first_sublayer(arch) == "attention"
 
 
 def test_no_first_sublayer_when_its_module_holds_other_linears():
     """A layout whose only common ancestor of the attention's linears also holds the MLP's: no replay."""
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 2))
     arch = discover(model, model.config)
-    block = model.get_submodule(arch.blocks)[0]
     merged = type(arch)(arch.blocks, (("self_attn.q_proj",), ("self_attn.o_proj", "self_attn.mlp_proj")),
                         sublayers=((0,), (1,)))  # fmt: skip
-    assert replay.first_sublayer(block, merged) is None
+    assert replay.first_sublayer(merged) is None
 
 
 def _shards(out: Path) -> dict[str, bytes]:

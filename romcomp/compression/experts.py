@@ -89,6 +89,12 @@ def fit_projection(
     return [f"{label}: {x}" for x in notes]
 
 
+def expert_passes(n: int, size: int | None) -> list[range]:
+    """The experts of each statistics pass over ``n`` experts: all in one, or ``size`` at a time."""
+    size = size or n
+    return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
 def fit_experts(
     block: nn.Module, names: list[str], ranks: dict[str, int], prefix: str,
     run: Callable[[dict], None], method: Method, out_dtype: torch.dtype, chunk: int | None = None,
@@ -106,11 +112,8 @@ def fit_experts(
         return []
     outputs = {n: narrow(block, n) and method.decompose_outputs is not None for n in wanted}
     pairs = {n: low_rank_experts(block, n, ranks[prefix + n]) for n in wanted}
-    n_experts = projection_shape(block, wanted[0])[0]
-    chunk = chunk or n_experts
     notes: list[str] = []
-    for lo in range(0, n_experts, chunk):
-        experts = range(lo, min(lo + chunk, n_experts))
+    for experts in expert_passes(projection_shape(block, wanted[0])[0], chunk):
         with collect_expert_stats(block, wanted, outputs.__getitem__, stop=True, experts=experts) as stats:
             run(stats)
         for name in wanted:

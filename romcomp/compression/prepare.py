@@ -115,9 +115,10 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
         if spec.fit_chosen or spec.fit != "error-aware":
             raise
         first = refused
-    full = int(peak_bytes(estimate(dims(False), spec.n_samples, spec.seq_len, 1, False, streams, True,
+    full_dims = dims(False)
+    full = int(peak_bytes(estimate(full_dims, spec.n_samples, spec.seq_len, 1, False, streams, True,
                                    spec.sequential, grads, spec.prepass_samples is not None,
-                                   1 if dims(False).n_experts else None)) * (1 + PLAN_MARGIN))  # fmt: skip
+                                   1 if full_dims.n_experts else None)) * (1 + PLAN_MARGIN))  # fmt: skip
     why = f"the error-aware fit needs about {fmt_bytes(full)}, more than --max-ram {fmt_bytes(budget)}: "
     steps = []
     if spec.method.decompose_cross_outputs is not None:

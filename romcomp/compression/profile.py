@@ -27,7 +27,7 @@ from torch import nn
 from romcomp.compression.activations import Boundary
 from romcomp.compression.allocation import LinearSpectrum
 from romcomp.compression.blocks import BlockIO, emit, narrower_at_output
-from romcomp.compression.experts import expert_bias, expert_matrices, projection_shape
+from romcomp.compression.experts import expert_bias, expert_matrices, expert_passes, projection_shape
 from romcomp.compression.experts import narrow as experts_narrow
 from romcomp.compression.runner import Runner, Streams
 from romcomp.compression.sensitivity import block_sensitivity
@@ -242,11 +242,11 @@ def _owners(projections) -> list[str]:
 
 
 def _chunks(block: nn.Module, arch: ArchSpec, size: int | None) -> list[range | None]:
-    """The experts of each statistics pass: all in one (``[None]``), or ranges of ``size``."""
-    if not arch.experts or size is None:
+    """The experts of each statistics pass (:func:`~romcomp.compression.experts.expert_passes`); one
+    pass (``[None]``) for a block without experts."""
+    if not arch.experts:
         return [None]
-    n = projection_shape(block, arch.experts[0])[0]
-    return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    return list(expert_passes(projection_shape(block, arch.experts[0])[0], size))
 
 
 def experts_spectrum(block: nn.Module, name: str, stats: dict, tokens: int) -> torch.Tensor:

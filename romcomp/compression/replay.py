@@ -10,9 +10,9 @@ with or without it (``tests/test_replay.py``).
 
 The module is found from the layout, not named: the deepest module holding every linear of the block's
 first sublayer and no other compressible linear (``self_attn`` in Llama, ``attention`` in BERT). A guard
-keeps it safe where that assumption would break: each recorded batch keeps a fingerprint of its input (its
-float64 sum); a call whose input does not match is computed, not replayed; an output other than a tensor,
-or a tuple of one tensor and ``None``s, disables the replay for the block.
+keeps it safe where that assumption would break: each recorded batch keeps a fingerprint of its inputs
+(the float64 sum of every tensor argument); a call whose inputs do not match is computed, not replayed;
+an output other than a float32 tensor, or a tuple of one and ``None``s, disables the replay for the block.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from romcomp.compression.activations import Scratch
 from romcomp.model.archs import ArchSpec
 
 
-def first_sublayer(block: nn.Module, arch: ArchSpec) -> str | None:
+def first_sublayer(arch: ArchSpec) -> str | None:
     """The name (relative to the block) of the deepest module holding every linear of the first residual
     sublayer and no other compressible linear or expert projection; None when there is none below the
     block itself."""
@@ -66,15 +66,17 @@ class Replay(nn.Module):
         self.usable = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.usable:
+            return self.inner(*args, **kwargs)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         start, size = self.at, hidden.shape[0]
         self.at = (start + size) % self.n
         fingerprint = _fingerprint([*args, *kwargs.values()])
-        if self.recorded and self.usable and self.prints.get(start) == fingerprint:
+        if self.recorded and self.prints.get(start) == fingerprint:
             out = self.store.read(start, start + size)
             return out if self.shape is None else (out, *([None] * (self.shape - 1)))
         out = self.inner(*args, **kwargs)
-        if not self.recorded and self.usable:
+        if not self.recorded:
             self._record(start, out, fingerprint)
             self.recorded = self.at == 0
         return out
@@ -108,7 +110,7 @@ class Replays:
     def __init__(self, blocks: list[nn.Module], arch: ArchSpec, shape: tuple[int, int, int], work: Path,
                  in_ram: bool) -> None:  # fmt: skip
         self.blocks, self.shape, self.work, self.in_ram = blocks, shape, work, in_ram
-        self.name = first_sublayer(blocks[0], arch) if blocks else None
+        self.name = first_sublayer(arch)
         self.last = max(arch.sublayers[0]) if arch.sublayers else None  # the sublayer's last group
         self.slots: list[Replay | None] = [None] * len(blocks)
 
