@@ -18,8 +18,9 @@ import romcomp.compression.profile as prof
 from romcomp.api import run
 from romcomp.compression.allocation import allocate_auto
 from romcomp.compression.config import PREPASS_TOKENS, CompressConfig
+from romcomp.compression.output import args_hash
 from romcomp.errors import BadInputError
-from tests.conftest import make_tiny_model, romcomp_cli
+from tests.conftest import interrupt_after_freeing, make_tiny_model, romcomp_cli
 
 SMALL = {"n_samples": 8, "seq_len": 32, "progress": False, "max_ram": "2GB", "threads": 1}
 
@@ -209,3 +210,27 @@ def test_eigvals_desc_float32_is_scaled_and_falls_back(monkeypatch):
         prof.eigvals_desc(sym, torch.float32), ref.clamp_min(0), rtol=1e-9, atol=1e-12 * float(ref[0])
     )
     assert not bool(prof.eigvals_desc(torch.zeros(4, 4), torch.float32).any())  # zero stays zero, no NaN
+
+
+def test_a_manifest_older_than_prepass_samples_resumes(tiny4, calib_text, tmp_path, monkeypatch):
+    """A run started before ``prepass_samples`` was recorded read every window: killed after block 1 and
+    its manifest stripped of the key, the same command resumes to the bytes of an uninterrupted run, and
+    records the key; a count other than every window is still refused."""
+    cfg = {"model": str(tiny4), "calib": str(calib_text), "ratio": 0.3, **SMALL}
+    whole = run(CompressConfig(out=tmp_path / "whole", **cfg))
+    out = tmp_path / "old"
+    interrupt_after_freeing(monkeypatch, 4 + 2)  # the pre-pass frees 4 blocks; main-pass block 0 recorded
+    with pytest.raises(KeyboardInterrupt):
+        run(CompressConfig(out=out, **cfg))
+    monkeypatch.undo()
+    path = out / ".romcomp" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["args"].pop("prepass_samples") == 8 and manifest["blocks_done"] == [0]
+    manifest["args_hash"] = args_hash(manifest["args"])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BadInputError, match="prepass_samples"):
+        run(CompressConfig(out=out, prepass_samples=3, **cfg))
+    resumed = run(CompressConfig(out=out, **cfg))
+    assert manifest_args(resumed.out)["prepass_samples"] == 8
+    for name in sorted(p.name for p in whole.out.glob("*.safetensors")):
+        assert (whole.out / name).read_bytes() == (resumed.out / name).read_bytes(), name

@@ -199,6 +199,22 @@ class RunSpec:
                 "ratios": list(self.ratios), "threads": threads}  # fmt: skip
 
 
+def _legacy_prepass(args: Mapping) -> int | None:
+    """Before ``--prepass-samples``, the pre-pass read every window wherever it ran."""
+    runs = args.get("ranks") is None and args.get("allocation") in PREPASS_ALLOCATIONS
+    return args.get("n_samples") if runs else None
+
+
+ARGS_ADDED: Mapping[str, object] = MappingProxyType({"prepass_samples": _legacy_prepass})
+"""Resume arguments added after manifests without them were written, each with the function giving the
+value such a run used (from its other arguments): a run started by an older romcomp resumes."""
+
+
+def with_added_args(args: Mapping) -> dict:
+    """``args`` (a manifest's) with every argument it predates filled in as it ran."""
+    return {**{k: f(args) for k, f in ARGS_ADDED.items() if k not in args}, **args}
+
+
 PREPASS_TOKENS: int | None = None
 """Calibration tokens the dense pre-pass of ``--allocation auto`` reads by default (the first windows, at
 least one); ``None``: every window. Its spectra only steer the allocation, so fewer would do if the

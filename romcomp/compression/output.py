@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from romcomp.compression.config import with_added_args
 from romcomp.errors import BadInputError, RomcompError
 from romcomp.model.checkpoint import (
     LazyCheckpoint,
@@ -131,13 +132,14 @@ class OutputDir:
             atomic_write_json(path, manifest.to_json())
             return manifest
         previous = Manifest(**json.loads(path.read_text()))
-        if previous.args_hash != manifest.args_hash:
+        if args_hash(with_added_args(previous.args)) != manifest.args_hash:
             changed = sorted(k for k in set(previous.args) | set(manifest.args)
                              if previous.args.get(k) != manifest.args.get(k))  # fmt: skip
             raise BadInputError(
                 f"--out {self.out} was started with different arguments ({', '.join(changed)}); "
                 "rerun the same command to resume, or pass --overwrite to start over"
             )
+        previous.args, previous.args_hash = manifest.args, manifest.args_hash  # predated ones filled in
         if previous.source.get("fingerprint") != manifest.source.get("fingerprint"):
             raise RomcompError(
                 f"the source checkpoint changed since {self.out} was started "

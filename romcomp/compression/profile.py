@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import scipy.linalg
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -34,7 +32,7 @@ from romcomp.compression.sensitivity import block_sensitivity
 from romcomp.compression.stats import collect_expert_stats, collect_input_stats, collect_output_stats
 from romcomp.methods import rom
 from romcomp.methods.base import Factors
-from romcomp.methods.linalg import symmetric_from_upper, syrk_upper
+from romcomp.methods.linalg import scaled_syevd, symmetric_from_upper, syrk_upper
 from romcomp.methods.projection import augmented_weight, whitening_root
 from romcomp.model.archs import ArchSpec
 from romcomp.model.checkpoint import atomic_save_safetensors
@@ -57,23 +55,9 @@ round-off moves no rank (unlike the fit's eigenvectors, :func:`romcomp.methods.l
 
 def eigvals_desc(sym: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """All eigenvalues, descending, as float64 (no eigenvectors: a fraction of a full solve), solved in
-    ``dtype`` on a copy scaled to unit maximum diagonal (no overflow in float32). LAPACK's divide and conquer
-    can fail to converge on degenerate matrices; torch's float64 solver then serves, as it does when a
-    single-precision solve returns anything not finite."""
-    scale = float(sym.diagonal().abs().max()) if sym.numel() else 1.0
-    scale = scale if 0 < scale < float("inf") else 1.0  # a zero matrix stays zero, not NaN
-    vals = None
-    try:
-        a = (sym / scale).to(dtype) if dtype != torch.float64 else sym.double() / scale
-        vals = scipy.linalg.eigh(
-            a.numpy(), eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False
-        )
-    except (np.linalg.LinAlgError, ValueError):
-        pass
-    if vals is None or not np.isfinite(vals).all():
-        vals = torch.linalg.eigvalsh(sym.double() / scale).numpy()
-    out = torch.from_numpy(np.ascontiguousarray(vals[::-1])).double() * scale
-    return out.clamp_min(0)
+    ``dtype`` by :func:`romcomp.methods.linalg.scaled_syevd` (scaled first; float64 fallback)."""
+    vals, _, scale = scaled_syevd(sym, False, dtype, vectors=False)
+    return (vals.flip(0) * scale).clamp_min(0)
 
 
 def output_spectrum(weight: torch.Tensor, bias: torch.Tensor | None, stats, by_output: bool,

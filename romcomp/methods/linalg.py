@@ -114,24 +114,42 @@ FLOAT32_TAIL_FLOOR = 1e-4
 Below it :func:`top_eigvecs` redoes the solve in float64; see there for why 1e-4."""
 
 
-def _syevd(sym: torch.Tensor, upper: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """All eigenpairs (ascending) of ``sym`` scaled to unit maximum diagonal, from LAPACK ``syevd`` in
-    ``dtype``, or torch's float64 ``eigh`` if LAPACK fails. Eigenvalues in the scaled units, as float64."""
-    scale = float(sym.diagonal().abs().max())
-    scale = scale if scale > 0 else 1.0  # a zero matrix stays zero, not NaN
+def scaled_syevd(
+    sym: torch.Tensor, upper: bool, dtype: torch.dtype, *, vectors: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """All eigenvalues (ascending, float64) and, with ``vectors``, eigenvectors of ``sym`` scaled to unit
+    maximum diagonal (no overflow in float32), from LAPACK's divide-and-conquer ``syevd`` in ``dtype``;
+    returns them with the scale (true eigenvalues = scaled · scale). LAPACK can fail to converge on
+    degenerate matrices, and a single-precision solve can return something not finite: torch's float64
+    solver then serves. With ``upper`` only the upper triangle is read."""
+    scale = float(sym.diagonal().abs().max()) if sym.numel() else 1.0
+    scale = scale if 0 < scale < float("inf") else 1.0  # a zero matrix stays zero, not NaN
     if dtype == torch.float64:
         a = sym.to(torch.float64, copy=True)  # a copy even when ``sym`` is float64: LAPACK overwrites it
         a /= scale
     else:
         a = (sym / scale).to(dtype)  # scaled before the cast: no overflow in float32
     try:
-        evals, vecs = scipy.linalg.eigh(
-            a.numpy(), lower=not upper, driver="evd", overwrite_a=True, check_finite=False
-        )
+        out = scipy.linalg.eigh(
+            a.numpy(), lower=not upper, eigvals_only=not vectors, driver="evd",
+            overwrite_a=True, check_finite=False,
+        )  # fmt: skip
+        evals, vecs = out if vectors else (out, None)
+        if np.isfinite(evals).all():
+            return torch.from_numpy(evals).double(), None if vecs is None else torch.from_numpy(vecs), scale
     except (np.linalg.LinAlgError, ValueError):
-        full = symmetric_from_upper(sym) if upper else (sym + sym.T) / 2
-        return torch.linalg.eigh(full.double() / scale)
-    return torch.from_numpy(evals).double(), torch.from_numpy(vecs)
+        pass
+    full = (symmetric_from_upper(sym) if upper else (sym + sym.T) / 2).double() / scale
+    if vectors:
+        evals, vecs = torch.linalg.eigh(full)
+        return evals, vecs, scale
+    return torch.linalg.eigvalsh(full), None, scale
+
+
+def _syevd(sym: torch.Tensor, upper: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """All eigenpairs (ascending) of ``sym`` in the scaled units of :func:`scaled_syevd`."""
+    evals, vecs, _ = scaled_syevd(sym, upper, dtype)
+    return evals, vecs
 
 
 def _float32_tail_unresolved(evals: torch.Tensor, vecs: torch.Tensor, k: int) -> bool:
