@@ -120,6 +120,39 @@ def statistics_tflop(config: dict[str, Any], tokens: int) -> dict[str, float]:
     }
 
 
+def linear_shapes(config: dict[str, Any]) -> list[tuple[int, int]]:
+    """(d_out, d_in) of one block's linears (Llama layout, grouped-query k/v)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def needed_tflop(config: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:
+    """The work a run needs per block, counted (not timed): each forward it must run — the dense pre-pass
+    over its windows (``auto``), then one per stream (two for the error-aware fit: dense and compressed) —
+    at 2·params·T for the linears plus 4·T·s·h for attention's two products; the statistics
+    (:func:`statistics_tflop`); and per linear the decomposition's dense-algebra core: the whitening
+    Cholesky d_in³/3, the whitened product 2·d_out·d_in², an eigensolve with vectors of the narrower side
+    (~10/3·n³: tridiagonal reduction and back-transformation) — and for the pre-pass the same product and
+    an eigenvalues-only solve (4/3·n³). LAPACK's real counts differ by constants, so this is the work a
+    careful implementation cannot avoid, not what this one does."""
+    tokens, seq = args["n_samples"] * args["seq_len"], args["seq_len"]
+    pre_tokens = (args.get("prepass_samples") or 0) * seq if args.get("allocation") == "auto" else 0
+    shapes = linear_shapes(config)
+    fwd = lambda t: (2 * sum(a * b for a, b in shapes) * t + 4 * t * seq * config["hidden_size"]) / 1e12  # noqa: E731
+    stats = statistics_tflop(config, 1)
+    error_aware = args.get("fit") == "error-aware"
+    solve = sum(b**3 / 3 + 2 * a * b * b + 10 / 3 * min(a, b) ** 3 for a, b in shapes) / 1e12
+    spectra = sum(2 * a * b * b + 4 / 3 * min(a, b) ** 3 for a, b in shapes) / 1e12 if pre_tokens else 0.0
+    return {
+        "forwards": fwd(pre_tokens) + fwd(tokens) * (2 if error_aware else 1),
+        "statistics": stats["pre-pass (4 hidden² moments)"] * pre_tokens
+        + stats["error-aware (3 hidden² pairs + down_proj's)" if error_aware else "local (4 hidden² moments)"]
+        * tokens,
+        "decomposition": solve + spectra,
+    }
+
+
 SCALES = {"pre-pass fwd+stats": True, "pre-pass spectra": False, "fwd+stats": True, "decompose": False,
           "write": False}  # fmt: skip
 """Which parts grow with the calibration tokens."""
@@ -166,6 +199,12 @@ def report(args: argparse.Namespace, plain: dict[str, Any], results: dict[str, d
         scaled = sum(v * grows(k) for k, v in parts[n].items())
         return f"{args.full_blocks * scaled / 3600:.2f} h"
 
+    def achieved(r: dict[str, Any]) -> str:
+        """The counted work of every block over the run's wall time, against the float32 matmul peak."""
+        work = sum(needed_tflop(config, r["manifest"]["args"]).values()) * n_blocks
+        rate = work * 1e3 / r["seconds"]
+        return f"{work:.1f} TFLOP / {rate:.0f} GFLOP/s ({rate / rates['float32']:.0%} of float32 peak)"
+
     rows = {
         "wall time of the run": lambda r, n: f"{r['seconds']:.0f} s "
         f"({r['seconds'] / plain['seconds']:.2f} plain forwards)",
@@ -175,6 +214,7 @@ def report(args: argparse.Namespace, plain: dict[str, Any], results: dict[str, d
         f"{r['manifest'].get('plan', {}).get('estimate', 0) / 2**30:.2f} / "
         f"{r['manifest'].get('plan', {}).get('budget', 0) / 2**30:.2f} GiB",
         f"projected {args.full_blocks} blocks at 128 x 512": lambda r, n: projected(n),
+        "work needed (counted) / achieved": lambda r, n: achieved(r),
     }  # fmt: skip
     for label, cell in rows.items():
         print(f"| {label} | " + " | ".join(cell(results[n], n) for n in names) + " |")
