@@ -52,7 +52,7 @@ def test_default_prepass_windows(monkeypatch):
     assert prepass(allocation="uniform") is None and prepass(ranks={"x": 1}) is None  # no pre-pass at all
     assert prepass(prepass_samples=64) == 64 and prepass(prepass_samples=500) == 128
     assert prepass(allocation="v2", prepass_samples=16) == 16
-    monkeypatch.setattr(config, "PREPASS_TOKENS", 32 * 512)  # the candidate default: a token count
+    monkeypatch.setattr(config, "PREPASS_TOKENS", 32 * 512)  # the default, pinned: a token count
     assert prepass() == 32 and prepass(n_samples=16) == 16  # never more than the calibration has
     assert prepass(seq_len=2048) == 8 and prepass(seq_len=128) == 128 and prepass(seq_len=100_000) == 1
     assert prepass(allocation="v2") == 128 and prepass(prepass_samples=64) == 64

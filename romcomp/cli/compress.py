@@ -79,7 +79,7 @@ def compress(
         int | None,
         typer.Option(
             help="Calibration windows (the first N) the dense pre-pass of --allocation auto, v2 or asvd "
-            "reads [default: all].",
+            "reads [default: auto 32 x 512 tokens' worth, v2/asvd all].",
             show_default=False,
         ),
     ] = None,

@@ -215,13 +215,13 @@ def with_added_args(args: Mapping) -> dict:
     return {**{k: f(args) for k, f in ARGS_ADDED.items() if k not in args}, **args}
 
 
-PREPASS_TOKENS: int | None = None
+PREPASS_TOKENS: int | None = 32 * 512
 """Calibration tokens the dense pre-pass of ``--allocation auto`` reads by default (the first windows, at
-least one); ``None``: every window. Its spectra only steer the allocation, so fewer would do if the
-allocation they steer is as good: on SmolLM2-135M (C4 128 × 512) the first 32 windows change the ranks by
-~10-18% (sum of |Δrank|) at ratios 0.2 and 0.3; the validation perplexity of that change is still being
-measured (docs/results.md, "Pre-pass speed"), so the default stays every window until it is
-(``32 * 512`` is the candidate)."""
+least one); ``None``: every window. Its spectra only steer the allocation, so fewer do if the allocation
+they steer is as good. Chosen on validation text (docs/results.md, "Pre-pass speed"): SmolLM2-135M, default
+configuration, C4 128 × 512, WikiText-2 *validation* 40 × 512 — pre-pass on all 128 windows vs the first 32:
+36.368 vs 36.323 at ratio 0.2, 61.034 vs 59.510 at 0.3 (the ranks move by 10-18%, the perplexity does not
+get worse), for a quarter of the pre-pass's forwards and statistics."""
 
 
 def prepass_windows(allocation: str, n_samples: int, seq_len: int) -> int:
