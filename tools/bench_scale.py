@@ -158,6 +158,13 @@ def matmul_gflops(dtype: str = "float32", n: int = 4096, reps: int = 3) -> float
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def linear_shapes(config: dict[str, Any]) -> list[tuple[int, int]]:
+    """(d_out, d_in) of one block's linears (Llama layout, grouped-query k/v): q, k, v, o, gate, up, down."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
 def block_flops(config: dict[str, Any], ratio: float, tokens: int) -> tuple[float, float, float]:
     """(forward, covariance, decomposition) FLOPs of one block with the compressed stream.
 
@@ -170,12 +177,12 @@ def block_flops(config: dict[str, Any], ratio: float, tokens: int) -> tuple[floa
     ``M`` the map-back ``M u`` and its QR, and ``Bᵀ W``; down_proj from its output second moment.
     """
     h, i = config["hidden_size"], config["intermediate_size"]
-    kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
-    params = 2 * h * h + 2 * h * kv + 3 * h * i
+    shapes = linear_shapes(config)
+    params = sum(d_out * d_in for d_out, d_in in shapes)
     forward = 2 * params * tokens * (2 - ratio)
     covariance = 4 * h * h * tokens
     decompose = 3 * h**3 / 3  # Cholesky of the q/k/v, o and gate/up input covariances
-    for d_in, d_out in ((h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i)):
+    for d_out, d_in in shapes[:-1]:  # down_proj (last) from its output moment, below
         k = int((1 - ratio) * d_in * d_out / (d_in + d_out))
         small, big = min(d_in, d_out), max(d_in, d_out)
         decompose += 2 * d_out * d_in * d_in + small * small * big + 4 * small**3 + 2 * k * d_out * d_in

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import (  # noqa: E402
     REPO_ROOT,
     STANDARD_TOKENS,
+    linear_shapes,
     machine_lines,
     manifest,
     matmul_gflops,
@@ -118,13 +119,6 @@ def statistics_tflop(config: dict[str, Any], tokens: int) -> dict[str, float]:
         "of which down_proj's pair": down,
         "local (4 hidden² moments)": 4 * h * h * tokens / 1e12,
     }
-
-
-def linear_shapes(config: dict[str, Any]) -> list[tuple[int, int]]:
-    """(d_out, d_in) of one block's linears (Llama layout, grouped-query k/v)."""
-    h, i = config["hidden_size"], config["intermediate_size"]
-    kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
-    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
 
 
 def needed_tflop(config: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:

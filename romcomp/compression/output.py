@@ -132,9 +132,10 @@ class OutputDir:
             atomic_write_json(path, manifest.to_json())
             return manifest
         previous = Manifest(**json.loads(path.read_text()))
-        if args_hash(with_added_args(previous.args)) != manifest.args_hash:
-            changed = sorted(k for k in set(previous.args) | set(manifest.args)
-                             if previous.args.get(k) != manifest.args.get(k))  # fmt: skip
+        started = with_added_args(previous.args)
+        if args_hash(started) != manifest.args_hash:
+            changed = sorted(k for k in set(started) | set(manifest.args)
+                             if started.get(k) != manifest.args.get(k))  # fmt: skip
             raise BadInputError(
                 f"--out {self.out} was started with different arguments ({', '.join(changed)}); "
                 "rerun the same command to resume, or pass --overwrite to start over"
