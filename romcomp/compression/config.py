@@ -205,7 +205,9 @@ def _legacy_prepass(args: Mapping) -> int | None:
     return args.get("n_samples") if runs else None
 
 
-ARGS_ADDED: Mapping[str, object] = MappingProxyType({"prepass_samples": _legacy_prepass})
+ARGS_ADDED: Mapping[str, object] = MappingProxyType(
+    {"prepass_samples": _legacy_prepass, "world_size": lambda _args: 1}
+)
 """Resume arguments added after manifests without them were written, each with the function giving the
 value such a run used (from its other arguments): a run started by an older romcomp resumes."""
 

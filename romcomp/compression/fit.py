@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from romcomp.compression import distributed
 from romcomp.compression.activations import Boundary, Scratch
 from romcomp.compression.blocks import BlockIO, Tee, emit, narrower_at_output, rounded
 from romcomp.compression.experts import fit_experts
@@ -142,20 +143,41 @@ def fit_stage(ctx: FitContext, prefix: str, stage: Sequence[Group], dense: nn.Mo
     """Factor every linear of ``stage`` that a target's rank map names — the *dense* linear of ``dense``
     (the same weight for every variant) — and apply the factors to that target's block; returns the
     notes per target. Group by group, variant by variant, so one variant's memoized roots are live at a
-    time."""
+    time. Distributed, each linear is factored by one rank (:func:`owner`) and broadcast to the others
+    once its group is done."""
+    world = distributed.current()
     notes: list[list[str]] = [[] for _ in targets]
     for group in stage:
         linears = {name: dense.get_submodule(name) for name in group}  # before any variant swaps them
+        done: list[tuple[int, str, Factors | None]] = []
         for j, target in enumerate(targets):
             for name in group:
                 full = prefix + name
                 if full in target.ranks:
-                    stats, decompose = target.statistics(group, name)
-                    f = factor(ctx, linears[name], full, stats, decompose, target.ranks[full])
-                    apply(target.block, name, f, ctx.io.out_dtype)
-                    notes[j] += [f"{full}: {n}" for n in f.notes]
+                    f = None
+                    if owner(ctx, name, world) == world.rank:
+                        stats, decompose = target.statistics(group, name)
+                        f = factor(ctx, linears[name], full, stats, decompose, target.ranks[full])
+                    done.append((j, name, f))
+                    if not world.active:  # applied at once: no second copy of the factors is held
+                        _apply(ctx, targets[j].block, prefix, name, done.pop()[2], notes[j])
             target.release(group)
+        while done:  # distributed: the group's factors, each from the rank that computed it
+            j, name, f = done.pop(0)
+            f = world.broadcast_factors(f, owner(ctx, name, world))
+            _apply(ctx, targets[j].block, prefix, name, f, notes[j])
     return notes
+
+
+def _apply(ctx: FitContext, block: nn.Module, prefix: str, name: str, f: Factors, notes: list[str]) -> None:
+    apply(block, name, f, ctx.io.out_dtype)
+    notes += [f"{prefix}{name}: {n}" for n in f.notes]
+
+
+def owner(ctx: FitContext, name: str, world: distributed.World) -> int:
+    """The rank that factors linear ``name``: the block's linears dealt round the ranks in order, so a
+    group's linears and consecutive one-linear stages alternate."""
+    return world.owner(ctx.io.arch.linears.index(name))
 
 
 def fit_local(ctx: FitContext, index: int, blocks: list[nn.Module], variants: Sequence[Variant],
@@ -186,6 +208,7 @@ def fit_local(ctx: FitContext, index: int, blocks: list[nn.Module], variants: Se
                     ctx.io.forward_until_stopped(index, blocks[0], variants[0].source)
                 finally:
                     handle.remove()
+        distributed.current().reduce_stats(stats, out_stats)
         times.forward += time.perf_counter() - t0
         t0 = time.perf_counter()
         targets = _local_targets(ctx, blocks, variants, by_output, stats, out_stats)
@@ -240,6 +263,7 @@ def fit_error_aware(ctx: FitContext, index: int, dense: nn.Module, blocks: list[
                 )
             finally:
                 collector.close()
+            distributed.current().reduce_stats(*collector.stats)
             times.forward += time.perf_counter() - t0
             t0 = time.perf_counter()
             targets = [

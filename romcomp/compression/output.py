@@ -133,6 +133,12 @@ class OutputDir:
             return manifest
         previous = Manifest(**json.loads(path.read_text()))
         started = with_added_args(previous.args)
+        if started.get("world_size") != manifest.args.get("world_size"):
+            raise BadInputError(
+                f"--out {self.out} was started by {started['world_size']} worker process(es), this run has "
+                f"{manifest.args['world_size']}: resume with as many (each holds its share of the "
+                "activations), or pass --overwrite to start over"
+            )
         if args_hash(started) != manifest.args_hash:
             changed = sorted(k for k in set(started) | set(manifest.args)
                              if started.get(k) != manifest.args.get(k))  # fmt: skip
@@ -221,3 +227,38 @@ class OutputDir:
 
 def _dtype_size(dtype: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+
+
+class WorkerDir(OutputDir):
+    """A distributed run's view of ``<out>`` on a rank other than 0: a work directory of its own
+    (``<out>/.romcomp/rank-N``) for its activation boundaries and caches. The shards, the manifest and
+    the final files are rank 0's: writing them here does nothing."""
+
+    def __init__(self, out: Path, n_blocks: int, rank: int) -> None:
+        super().__init__(out, n_blocks)
+        self.work = out / WORK / f"rank-{rank}"
+
+    def join(self, manifest: Manifest, fresh: bool) -> Manifest:
+        """Take rank 0's ``manifest``; a fresh run starts from an empty work directory (one left by an
+        earlier run is not this run's)."""
+        if fresh and self.work.exists():
+            shutil.rmtree(self.work)
+        self._lock()
+        return manifest
+
+    def remove(self) -> None:
+        """The run is done: this rank's work directory goes."""
+        self.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        pass
+
+    def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+        return self.out / shard_name(index, self.total_shards)
+
+    def copy_shard(self, index: int, names: list[str], source: LazyCheckpoint) -> Path:
+        return self.out / shard_name(index, self.total_shards)
+
+    def finalize(self, config: dict, source_dir: Path, manifest: Manifest) -> None:
+        pass

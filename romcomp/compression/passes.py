@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from romcomp.compression import distributed
 from romcomp.compression.activations import Boundary
 from romcomp.compression.fit import (
     BlockTimes,
@@ -102,6 +103,7 @@ class CompressPass:
     times: dict[int, BlockTimes] = field(default_factory=dict)
     label: str = "blocks"
     _block: tuple[BlockTimes, list[list[str]]] | None = None
+    _traffic: distributed.Traffic = field(default_factory=distributed.Traffic)  # at the block's start
 
     def streams(self, boundary: int) -> dict[str, Path]:
         paths = {f"out{j}": t.output.acts_path(boundary) for j, t in enumerate(self.targets)}
@@ -116,6 +118,7 @@ class CompressPass:
         return self.streams(index + 1)
 
     def process(self, index: int, block: nn.Module, sources: Streams, sinks: Streams) -> None:
+        self._traffic = replace(distributed.current().traffic)
         variants = [
             Variant(t.ranks, sources[f"out{j}"], sinks[f"out{j}"]) for j, t in enumerate(self.targets)
         ]
@@ -140,12 +143,23 @@ class CompressPass:
                 t.manifest.notes[str(index)] = block_notes
             t.manifest.block_times[str(index)] = {
                 "forward": round(bt.forward, 3), "decompose": round(bt.decompose, 3),
-                "write": round(bt.write, 3), "rss": bt.rss, "rss_anon": rss_anon,
+                "write": round(bt.write, 3), "rss": bt.rss, "rss_anon": rss_anon, **self._comm(),
             }  # fmt: skip
             t.output.save_manifest(t.manifest)
+        distributed.current().barrier()  # recorded before any rank drops the block's inputs
         for b in sources.values():
             os.remove(b.path)
         self.times[index] = bt
+
+    def _comm(self) -> dict[str, float]:
+        """Distributed: the block's collectives — seconds, bytes all-reduced and broadcast."""
+        world = distributed.current()
+        if not world.active:
+            return {}
+        now, then = world.traffic, self._traffic
+        return {"comm": round(now.seconds - then.seconds, 3),
+                "reduced_bytes": now.reduced_bytes - then.reduced_bytes,
+                "broadcast_bytes": now.broadcast_bytes - then.broadcast_bytes}  # fmt: skip
 
 
 def compress_blocks(ctx: FitContext, fit: str, targets: Sequence[Target], windows: torch.Tensor, in_ram: bool,

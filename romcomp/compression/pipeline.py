@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from romcomp.compression import distributed
 from romcomp.compression.allocation import (
     allocate_asvd,
     allocate_auto,
@@ -24,7 +26,7 @@ from romcomp.compression.estimate import LinearCost, RunModel, RunPlan, estimate
 from romcomp.compression.fit import BlockTimes, FitContext
 from romcomp.compression.gradients import gradient_pass
 from romcomp.compression.memory import peak_rss
-from romcomp.compression.output import OutputDir, check_out_dir
+from romcomp.compression.output import OutputDir, WorkerDir, check_out_dir
 from romcomp.compression.passes import Target, compress_blocks
 from romcomp.compression.prepare import Prepared, prepare, unfactorized_weights
 from romcomp.compression.ranks import linear_params
@@ -44,10 +46,23 @@ def run_spec(spec: RunSpec, announce: Callable[[RunPlan], None] | None = None) -
 
     ``announce`` receives the run's plan with its time estimate once the outputs are opened (a refusal
     there comes first), before the first pass; the estimate (a probe of block 0, seconds) is made when it
-    is announced or a progress bar shows the whole run's ETA."""
+    is announced or a progress bar shows the whole run's ETA.
+
+    Launched by ``torchrun`` as one of several processes, the run is data-parallel
+    (:mod:`romcomp.compression.distributed`): rank 0 announces, shows progress, writes the outputs and
+    returns their records; the other ranks return an empty list."""
+    with distributed.session() as world:
+        if not world.writer:
+            spec, announce = replace(spec, progress=False), None
+        return _run(spec, announce, world)
+
+
+def _run(spec: RunSpec, announce: Callable[[RunPlan], None] | None,
+         world: distributed.World) -> list[CompressResult]:  # fmt: skip
     t_start = time.perf_counter()
-    for path in spec.out_paths():
-        check_out_dir(path, spec.overwrite)
+    if world.writer:
+        for path in spec.out_paths():
+            check_out_dir(path, spec.overwrite)
     p = prepare(spec, streams=streams(spec))
     targets: list[Target] = []
     try:
@@ -64,12 +79,19 @@ def run_spec(spec: RunSpec, announce: Callable[[RunPlan], None] | None = None) -
                              p.spec.calib_stream, gradients, cross_outputs=p.spec.narrow_outputs,
                              expert_chunk=p.mem.expert_chunk)  # fmt: skip
             resumed = [len(t.manifest.blocks_done) for t in targets]
-            times = compress_blocks(ctx, p.spec.fit, targets, p.windows, p.mem.activations_in_ram,
-                                    p.n_blocks, p.spec.progress)  # fmt: skip
-            finalize(p, targets, io)
+            times = compress_blocks(ctx, p.spec.fit, targets, world.shard(p.windows),
+                                    p.mem.activations_in_ram, p.n_blocks, p.spec.progress)  # fmt: skip
+            if not world.writer:
+                for t in targets:
+                    t.output.remove()
+            world.barrier()  # every rank done (and cleaned up) before the outputs look complete
+            if world.writer:
+                finalize(p, targets, io)
     finally:
         for t in targets:
             t.output.close()
+    if not world.writer:
+        return []
     cost = (time.perf_counter() - t_start, peak_rss(), unfactorized_weights(p.shell, p.arch))
     return [result(p, t, r, n, times, *cost) for t, r, n in zip(targets, p.spec.ratios, resumed, strict=True)]
 
@@ -112,8 +134,9 @@ def plan_run(p: Prepared) -> RunPlan:
 
 
 def run_model(p: Prepared) -> RunModel:
-    """What the time estimate needs to know about the run ``p``: sizes, passes, fit, block linears."""
-    spec = p.spec
+    """What the time estimate needs to know about the run ``p``: sizes, passes, fit, block linears (and
+    one rank's share of the windows, in a distributed run)."""
+    spec, world = p.spec, distributed.current()
     prefix = p.arch.block_prefix(0)
     alone = {prefix + g[0] for g in p.arch.groups if len(g) == 1}
     linears = tuple(
@@ -124,10 +147,11 @@ def run_model(p: Prepared) -> RunModel:
     fixed = [fixed_ranks(p, ratio) for ratio in spec.ratios]
     share = 1.0 if fixed[0] is None else len(fixed[0]) / len(p.shapes)
     return RunModel(
-        n_blocks=p.n_blocks, windows=spec.n_samples, seq_len=spec.seq_len, linears=linears, fit=spec.fit,
+        n_blocks=p.n_blocks, windows=world.largest_shard(spec.n_samples), seq_len=spec.seq_len,
+        linears=linears, fit=spec.fit,
         n_ratios=len(spec.ratios), calib_stream=spec.calib_stream,
         stages=len(p.arch.groups) if spec.sequential else 1, profile=fixed[0] is None,
-        prepass_windows=spec.prepass_samples,
+        prepass_windows=None if spec.prepass_samples is None else world.largest_shard(spec.prepass_samples),
         sensitivity=fixed[0] is None and spec.allocation == "asvd",
         gradients=spec.method.gradients is not None, output_stats=spec.method.decompose_outputs is not None,
         cross_outputs=spec.narrow_outputs, compressed=share,
@@ -146,15 +170,32 @@ def block_io(p: Prepared, out_dtype: torch.dtype = torch.float32) -> BlockIO:
 
 def open_targets(p: Prepared, targets: list[Target]) -> None:
     """One output directory per ratio, opened (or reopened to resume) with its manifest and rank map,
-    appended to ``targets`` as it is opened (the caller closes them all, also after a refusal)."""
+    appended to ``targets`` as it is opened (the caller closes them all, also after a refusal).
+
+    Distributed, rank 0 opens the outputs and hands every other rank the manifests (or its refusal);
+    those keep their boundaries in work directories of their own (:class:`WorkerDir`)."""
+    world = distributed.current()
     fixed = [fixed_ranks(p, ratio) for ratio in p.spec.ratios]  # None: chosen after the dense pre-pass
-    for ratio, path, ranks in zip(p.spec.ratios, p.spec.out_paths(), fixed, strict=True):
-        output = OutputDir(path, p.n_blocks)
-        targets.append(Target(output, None, {}))  # closed by the caller if the next line refuses
-        manifest = output.open(
-            new_manifest(p.spec, ratio, p.mem, p.calib_desc, p.source, ranks), p.spec.overwrite
-        )
-        targets[-1].manifest, targets[-1].ranks = manifest, manifest.ranks or ranks or {}
+    opened: list[tuple[object, bool]] | str = []
+    if world.writer:
+        try:
+            for ratio, path, ranks in zip(p.spec.ratios, p.spec.out_paths(), fixed, strict=True):
+                output = OutputDir(path, p.n_blocks)
+                targets.append(Target(output, None, {}))  # closed by the caller if the next line refuses
+                new = new_manifest(p.spec, ratio, p.mem, p.calib_desc, p.source, ranks)
+                manifest = output.open(new, p.spec.overwrite)
+                targets[-1].manifest, targets[-1].ranks = manifest, manifest.ranks or ranks or {}
+                opened.append((manifest, manifest is new))
+        except BadInputError as refused:
+            world.broadcast_object(str(refused))
+            raise
+    opened = world.broadcast_object(opened)
+    if isinstance(opened, str):
+        raise BadInputError(opened)
+    if not world.writer:
+        for path, (manifest, fresh) in zip(p.spec.out_paths(), opened, strict=True):
+            output = WorkerDir(path, p.n_blocks, world.rank)
+            targets.append(Target(output, output.join(manifest, fresh), manifest.ranks))
 
 
 def fixed_ranks(p: Prepared, ratio: float) -> dict[str, int] | None:
@@ -186,7 +227,8 @@ def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
     from romcomp.compression.profile import profile, profile_times
 
     t0 = time.perf_counter()
-    spectra = profile(io, targets[0].output, p.windows[: p.spec.prepass_samples],
+    world = distributed.current()
+    spectra = profile(io, targets[0].output, world.shard(p.windows[: p.spec.prepass_samples]),
                       p.mem.activations_in_ram, p.n_blocks, p.spec.progress, p.spec.allocation == "asvd",
                       p.mem.expert_chunk)  # fmt: skip
     seconds = round(time.perf_counter() - t0, 3)
@@ -196,6 +238,7 @@ def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
         t.manifest.profile_times = per_block
         if not t.ranks:
             t.ranks = DATA_DRIVEN[p.spec.allocation](p.shapes, t.manifest.args["ratio"], spectra)
+            t.ranks = world.broadcast_object(t.ranks)  # rank 0's, should another machine round otherwise
             t.manifest.ranks = t.ranks
             t.output.save_manifest(t.manifest)
 

@@ -12,6 +12,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoTokenizer
 
+from romcomp.compression import distributed
 from romcomp.compression.blocks import narrower_at_output, outputs_narrower
 from romcomp.compression.config import RunSpec
 from romcomp.compression.experts import projection_shape
@@ -79,6 +80,7 @@ def prepare(spec: RunSpec, streams: int = 1) -> Prepared:
     )
     arch = discover(shell, hf_config, ckpt)
     _check_supported(spec, arch)
+    distributed.check_supported(spec, arch)
     n_blocks = text_config(hf_config).num_hidden_layers
     shapes = block_shapes(shell, arch, n_blocks)
     spec, mem = plan_or_fall_back(
@@ -105,8 +107,10 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
     budget = spec.budget or default_budget()
     grads = GRADIENT_COPIES[spec.method.gradients]
 
+    share = distributed.current().largest_shard  # each rank holds its shard of the windows
+
     def planned(s: RunSpec, n_streams: int) -> MemoryPlan:
-        return plan(dims(s.narrow_outputs), s.n_samples, s.seq_len, budget, n_streams,
+        return plan(dims(s.narrow_outputs), share(s.n_samples), s.seq_len, budget, n_streams,
                     s.fit == "error-aware", s.sequential, grads, s.prepass_samples is not None)  # fmt: skip
 
     try:
@@ -116,7 +120,7 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
             raise
         first = refused
     full_dims = dims(False)
-    full = int(peak_bytes(estimate(full_dims, spec.n_samples, spec.seq_len, 1, False, streams, True,
+    full = int(peak_bytes(estimate(full_dims, share(spec.n_samples), spec.seq_len, 1, False, streams, True,
                                    spec.sequential, grads, spec.prepass_samples is not None,
                                    1 if full_dims.n_experts else None)) * (1 + PLAN_MARGIN))  # fmt: skip
     why = f"the error-aware fit needs about {fmt_bytes(full)}, more than --max-ram {fmt_bytes(budget)}: "

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from romcomp.compression import distributed
 from romcomp.compression.activations import Boundary
 from romcomp.compression.allocation import LinearSpectrum
 from romcomp.compression.blocks import BlockIO, emit, narrower_at_output
@@ -124,7 +125,7 @@ def profile_block(
             current["x"] = source.read(start, stop)
             energy.in0 += float(current["x"].double().pow(2).sum())
             emit(io.call_block(block, index, current["x"]), sink, start, stop)
-        tokens = source.shape[0] * source.shape[1]
+        tokens = _reduced(stats, out_stats, energy, source.shape[0] * source.shape[1])
         t1 = time.perf_counter()
         eig = _block_spectra(block, arch, narrow, stats, out_stats, keep_roots=sensitivity)
         for name in arch.experts:
@@ -148,6 +149,19 @@ def profile_block(
         result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
     result["seconds.spectra"] = torch.tensor(time.perf_counter() - t1, dtype=torch.float64)
     return result
+
+
+def _reduced(stats: dict, out_stats: dict, energy: BlockEnergy, tokens: int) -> int:
+    """Distributed: the block's statistics and energies summed over the ranks in place; returns the
+    tokens they cover (every rank's)."""
+    world = distributed.current()
+    if not world.active:
+        return tokens
+    world.reduce_stats(stats, out_stats)
+    sums = torch.tensor([energy.in0, energy.in1, energy.experts, tokens], dtype=torch.float64)
+    world.all_reduce_([sums])
+    energy.in0, energy.in1, energy.experts = (float(v) for v in sums[:3])
+    return int(sums[3])
 
 
 @contextmanager
@@ -176,9 +190,12 @@ def _block_spectra(block: nn.Module, arch: ArchSpec, narrow: list, stats: dict, 
                    keep_roots: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """Every linear's output spectrum from the statistics just collected (a group's whitening root is
     dropped after the group unless ``keep_roots``: the sensitivity measurement reuses it)."""
+    world = distributed.current()
     eig: dict[str, torch.Tensor] = {}
     for group in arch.groups:
         for name in group:
+            if world.owner(arch.linears.index(name)) != world.rank:
+                continue  # another rank's (distributed): broadcast below
             linear = block.get_submodule(name)
             bias = None if linear.bias is None else linear.bias.data
             by_output = group in narrow
@@ -186,6 +203,8 @@ def _block_spectra(block: nn.Module, arch: ArchSpec, narrow: list, stats: dict, 
             eig[name] = output_spectrum(linear.weight.data, bias, st, by_output)
         if group[0] in stats and not keep_roots:
             stats[group[0]].derived.clear()
+    if world.active:
+        eig = {n: world.broadcast_object(eig.get(n), world.owner(i)) for i, n in enumerate(arch.linears)}
     return eig
 
 
@@ -283,13 +302,22 @@ class ProfilePass:
         return {} if index == self.n_blocks - 1 else {"dense": self.acts(index + 1)}
 
     def process(self, index: int, block: nn.Module, sources: Streams, sinks: Streams) -> None:
+        world = distributed.current()
+        before = replace(world.traffic)
         self._tensors = profile_block(
             self.io, index, block, sources["dense"], sinks.get("dense"), self.sensitivity, self.expert_chunk
         )
+        if world.active:  # the block's collectives: seconds, bytes all-reduced and broadcast
+            now = world.traffic
+            self._tensors["seconds.comm"] = torch.tensor(now.seconds - before.seconds, dtype=torch.float64)
+            for kind in ("reduced_bytes", "broadcast_bytes"):
+                value = getattr(now, kind) - getattr(before, kind)
+                self._tensors[f"comm.{kind}"] = torch.tensor(float(value), dtype=torch.float64)
 
     def finish(self, index: int, sources: Streams) -> None:
         atomic_save_safetensors(self._tensors, spectra_path(self.work, index))  # after the sink is durable
         self._tensors = None
+        distributed.current().barrier()  # recorded on every rank before any drops its input
         os.remove(sources["dense"].path)
 
 
@@ -300,6 +328,8 @@ def profile(io: BlockIO, output, windows: torch.Tensor, in_ram: bool, n_blocks: 
     :class:`LinearSpectrum` (with ASVD's sensitivities when ``sensitivity``)."""
     work = output.work
     todo = [i for i in range(n_blocks) if not spectra_path(work, i).exists()]
+    first = distributed.current().agree_min(todo[0] if todo else n_blocks)  # the rank furthest behind
+    todo = list(range(first, n_blocks))
     if todo:
         spectra_path(work, 0).parent.mkdir(parents=True, exist_ok=True)
         task = ProfilePass(io, work, lambda i: output.acts_path(i, "profile"), n_blocks, sensitivity,
@@ -316,10 +346,15 @@ def profile_times(work: Path, n_blocks: int) -> dict[str, dict[str, float]]:
     times = {}
     for i in range(n_blocks):
         with safe_open(str(spectra_path(work, i)), "pt") as f:
-            if "seconds.forward" in f.keys():
+            keys = set(f.keys())
+            if "seconds.forward" in keys:
                 times[str(i)] = {
-                    k: round(float(f.get_tensor(f"seconds.{k}")), 3) for k in ("forward", "spectra")
+                    k: round(float(f.get_tensor(f"seconds.{k}")), 3)
+                    for k in ("forward", "spectra", "comm")
+                    if f"seconds.{k}" in keys
                 }
+                times[str(i)].update({k.removeprefix("comm."): float(f.get_tensor(k))
+                                      for k in keys if k.startswith("comm.")})  # fmt: skip
     return times
 
 
@@ -328,7 +363,8 @@ def load_spectra(work: Path, n_blocks: int) -> dict[str, LinearSpectrum]:
     for i in range(n_blocks):
         t = load_file(str(spectra_path(work, i)))
         tokens = int(t.pop("tokens"))
-        t.pop("seconds.forward", None), t.pop("seconds.spectra", None)
+        for key in [k for k in t if k.startswith(("seconds.", "comm."))]:
+            t.pop(key)
         for key in [k for k in t if k.endswith(".eigvals")]:
             name = key[: -len(".eigvals")]
             found = t.get(f"{name}.sensitivity")

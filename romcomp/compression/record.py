@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from romcomp import __version__
+from romcomp.compression import distributed
 from romcomp.compression.config import RunSpec
 from romcomp.compression.memory import MemoryPlan
 from romcomp.compression.output import Manifest, args_hash
@@ -20,6 +21,7 @@ def new_manifest(spec: RunSpec, ratio: float, mem: MemoryPlan, calib_desc: str, 
     threads = torch.get_num_threads()
     args = {**spec.resume_args(threads), "ratio": ratio, "batch_size": mem.batch_size,
             "allocation": spec.allocation_name, "calibration": calib_desc,
+            "world_size": distributed.current().size,
             "version": __version__}  # fmt: skip
     return Manifest(
         args=args,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from romcomp.compression import distributed
 from romcomp.compression.activations import Boundary
 from romcomp.compression.blocks import BlockIO
 
@@ -153,6 +154,7 @@ class Runner:
                 work.process(index, self.io.load_block(index), sources, sinks)
                 for b in sinks.values():
                     b.commit()
+                distributed.current().barrier()  # every rank's outputs durable before any records the block
                 self.io.free_block(index)
                 for b in sources.values():
                     b.release()
