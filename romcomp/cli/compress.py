@@ -129,8 +129,10 @@ def compress(
     if ppl_windows > 0:
         _refuse_encoder_perplexity(model)
     if dry_run:
-        typer.echo(plan_only(spec).header())
-        typer.echo("dry run: nothing written")
+        planned = plan_only(spec)
+        if planned is not None:  # None: a worker of a distributed run other than rank 0
+            typer.echo(planned.header())
+            typer.echo("dry run: nothing written")
         return
     results = run_spec(spec, announce=lambda plan: typer.echo(plan.header() + "\n"))
     for result in results:

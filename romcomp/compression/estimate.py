@@ -338,12 +338,13 @@ class RunPlan:
     ratios: tuple[float, ...]
     calib_stream: str
     n_blocks: int
-    n_samples: int
+    n_samples: int  # the windows one process holds (a distributed run's rank: its share)
     mem: MemoryPlan
     budget_given: bool  # --max-ram (else the default, 80% of the memory available)
     outputs: tuple[Path, ...]
     time: TimeEstimate | None = None
     fallback: str = ""  # why the fit is not the method's default (the memory cap), one line
+    workers: int = 1  # processes of a distributed run (torchrun), each planned for its share
 
     def header(self) -> str:
         """The lines printed before the first pass (and by ``--dry-run``)."""
@@ -382,7 +383,8 @@ class RunPlan:
             batch += f" (not {comfortable}: the budget)"
         acts = "activations in RAM" if mem.activations_in_ram else "activations spilled to disk (the budget)"
         fit = f"{self.fit} fit" + (f" (fallback: {self.fallback})" if self.fallback else "")
-        lines.append(f"config       {batch}, {acts}, {fit}")
+        workers = f", {self.workers} workers ({self.n_samples} windows each)" if self.workers > 1 else ""
+        lines.append(f"config       {batch}, {acts}, {fit}{workers}")
         return lines
 
     def _time(self) -> list[str]:

@@ -26,14 +26,14 @@ from romcomp.compression.estimate import LinearCost, RunModel, RunPlan, estimate
 from romcomp.compression.fit import BlockTimes, FitContext
 from romcomp.compression.gradients import gradient_pass
 from romcomp.compression.memory import peak_rss
-from romcomp.compression.output import OutputDir, WorkerDir, check_out_dir
+from romcomp.compression.output import Manifest, OutputDir, WorkerDir, check_out_dir
 from romcomp.compression.passes import Target, compress_blocks
 from romcomp.compression.prepare import Prepared, prepare, unfactorized_weights
 from romcomp.compression.ranks import linear_params
 from romcomp.compression.record import new_manifest, output_config
 from romcomp.compression.result import CompressResult
 from romcomp.compression.runner import RunClock, whole_run
-from romcomp.errors import BadInputError
+from romcomp.errors import BadInputError, RomcompError
 from romcomp.model.checkpoint import LazyCheckpoint
 
 DATA_DRIVEN = {"auto": allocate_auto, "v2": allocate_v2, "asvd": allocate_asvd}
@@ -112,24 +112,29 @@ def streams(spec: RunSpec) -> int:
     return len(spec.ratios) + int(spec.fit == "error-aware")
 
 
-def dry_run(spec: RunSpec) -> RunPlan:
+def dry_run(spec: RunSpec) -> RunPlan | None:
     """``--dry-run``: check the outputs and prepare (model resolved, headers verified, memory planned,
     calibration tokenized), probe block 0 for the time estimate, and return the plan; nothing is written
-    and no pass runs. A budget too small is refused here, as a real run would be."""
-    for path in spec.out_paths():
-        check_out_dir(path, spec.overwrite)
-    return plan_run(prepare(spec, streams=streams(spec)))
+    and no pass runs. A budget too small is refused here, as a real run would be. Under ``torchrun`` the
+    plan is one rank's (its share of the windows), returned on rank 0 (None on the others)."""
+    with distributed.session() as world:
+        if world.writer:
+            for path in spec.out_paths():
+                check_out_dir(path, spec.overwrite)
+        p = prepare(spec, streams=streams(spec))
+        return plan_run(p) if world.writer else None
 
 
 def plan_run(p: Prepared) -> RunPlan:
     """The plan of the prepared run ``p`` with its time estimate (block 0 probed: seconds)."""
-    spec = p.spec
+    spec, world = p.spec, distributed.current()
     estimate = estimate_time(run_model(p), probe(block_io(p, source_dtype(p)), p.windows))
     return RunPlan(
         source=p.source.description, calibration=p.calib_desc, method=spec.method.name, fit=spec.fit,
         allocation=spec.allocation_name, ratios=spec.ratios, calib_stream=spec.calib_stream,
-        n_blocks=p.n_blocks, n_samples=spec.n_samples, mem=p.mem, budget_given=spec.budget is not None,
-        outputs=tuple(spec.out_paths()), time=estimate, fallback=spec.fallback,
+        n_blocks=p.n_blocks, n_samples=world.largest_shard(spec.n_samples), mem=p.mem,
+        budget_given=spec.budget is not None,
+        outputs=tuple(spec.out_paths()), time=estimate, fallback=spec.fallback, workers=world.size,
     )  # fmt: skip
 
 
@@ -176,26 +181,38 @@ def open_targets(p: Prepared, targets: list[Target]) -> None:
     those keep their boundaries in work directories of their own (:class:`WorkerDir`)."""
     world = distributed.current()
     fixed = [fixed_ranks(p, ratio) for ratio in p.spec.ratios]  # None: chosen after the dense pre-pass
-    opened: list[tuple[object, bool]] | str = []
+    news = [new_manifest(p.spec, ratio, p.mem, p.calib_desc, p.source, ranks)
+            for ratio, ranks in zip(p.spec.ratios, fixed, strict=True)]  # fmt: skip
+    opened: list[tuple[Manifest, bool]] | RomcompError = []
     if world.writer:
         try:
-            for ratio, path, ranks in zip(p.spec.ratios, p.spec.out_paths(), fixed, strict=True):
+            for new, path, ranks in zip(news, p.spec.out_paths(), fixed, strict=True):
                 output = OutputDir(path, p.n_blocks)
                 targets.append(Target(output, None, {}))  # closed by the caller if the next line refuses
-                new = new_manifest(p.spec, ratio, p.mem, p.calib_desc, p.source, ranks)
                 manifest = output.open(new, p.spec.overwrite)
                 targets[-1].manifest, targets[-1].ranks = manifest, manifest.ranks or ranks or {}
                 opened.append((manifest, manifest is new))
-        except BadInputError as refused:
-            world.broadcast_object(str(refused))
+        except RomcompError as refused:
+            world.broadcast_object(refused)  # every worker stops with rank 0's line
             raise
     opened = world.broadcast_object(opened)
-    if isinstance(opened, str):
-        raise BadInputError(opened)
+    if isinstance(opened, RomcompError):
+        raise opened
     if not world.writer:
-        for path, (manifest, fresh) in zip(p.spec.out_paths(), opened, strict=True):
+        for new, path, (manifest, fresh) in zip(news, p.spec.out_paths(), opened, strict=True):
+            if _without_threads(new.args) != _without_threads(manifest.args):
+                raise BadInputError(
+                    f"worker {world.rank} was started with other arguments than worker 0 "
+                    f"({', '.join(k for k in manifest.args if manifest.args[k] != new.args.get(k))}); "
+                    "run the same command on every worker"
+                )
             output = WorkerDir(path, p.n_blocks, world.rank)
             targets.append(Target(output, output.join(manifest, fresh), manifest.ranks))
+
+
+def _without_threads(args: dict) -> dict:
+    """A run's arguments but its thread count, which may differ between machines (rank 0's is kept)."""
+    return {k: v for k, v in args.items() if k != "threads"}
 
 
 def fixed_ranks(p: Prepared, ratio: float) -> dict[str, int] | None:
