@@ -14,10 +14,12 @@ share none). Resuming follows rank 0's manifest; a block is recorded only after 
 boundary is durable (a barrier), and no rank deletes a boundary before the block is recorded everywhere
 (another barrier), so whatever block the ranks agree to resume from, each still has its input.
 
-The equality with a single-process run is that of float64 summation order: the sums over the windows of
-each rank are added to each other instead of in one sequence (a relative difference of ~1e-16 in the
-statistics; the factors are rounded to the checkpoint's dtype afterwards). Two distributed runs with the
-same world size are bit-identical to each other.
+Against a single-process run: the all-reduced statistics equal its sums up to float64 summation order
+(each rank's sum added to the others' instead of one running sum). The run as a whole may differ by
+more: each rank batches its own windows (the memory plan's batch for its share), so the float32 forwards
+and per-batch moment products round differently where the batch sizes differ; the factors are rounded to
+the checkpoint's dtype afterwards (Qwen2.5-Coder-1.5B in bfloat16: the same bytes as one process). Two
+distributed runs with the same world size and threads are bit-identical to each other.
 """
 
 from __future__ import annotations
@@ -268,3 +270,7 @@ def check_supported(spec, arch) -> None:
         raise BadInputError(f"{why}; run it in one process (without torchrun)")
     if spec.n_samples < world.size:
         raise BadInputError(f"--n-samples {spec.n_samples} is fewer than the {world.size} workers")
+    if spec.prepass_samples is not None and spec.prepass_samples < world.size:
+        raise BadInputError(
+            f"--prepass-samples {spec.prepass_samples} is fewer than the {world.size} workers"
+        )
