@@ -15,18 +15,20 @@ __all__ = ["CompressConfig", "CompressResult", "compress", "run", "run_many"]
 
 def compress(
     model: str, ratio: float, max_ram: str | None = None, out: str | Path | None = None, **kwargs
-) -> CompressResult:
+) -> CompressResult | None:
     """Compress ``model`` (local dir, .gguf, alias or hub id) to ``out``; see :class:`CompressConfig`."""
     cfg = CompressConfig(model=model, ratio=ratio, max_ram=max_ram, out=Path(out) if out else None, **kwargs)
     return run(cfg)
 
 
-def run(cfg: CompressConfig) -> CompressResult:
-    """One ratio: validate everything cheap first, then stream the blocks; resumable from the manifest."""
+def run(cfg: CompressConfig) -> CompressResult | None:
+    """One ratio: validate everything cheap first, then stream the blocks; resumable from the manifest.
+    Under ``torchrun`` the workers other than rank 0 return None (rank 0 writes and reports)."""
     spec = cfg.resolve()
     if len(spec.ratios) != 1:
         raise BadInputError("several ratios give several outputs: call romcomp.api.run_many")
-    return run_spec(spec)[0]
+    results = run_spec(spec)
+    return results[0] if results else None
 
 
 def run_many(cfg: CompressConfig) -> list[CompressResult]:
