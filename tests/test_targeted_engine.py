@@ -69,12 +69,15 @@ def test_ratios_on_the_dense_stream_share_statistics_bit_for_bit(
 
     cfg = {"model": str(tiny4), "calib": str(calib_text), "method": method, "allocation": "uniform",
            "fit": "local", "calib_stream": "dense", "sequential": False, **SMALL}  # fmt: skip
-    forwards = []
-    real_forward = BlockIO.forward
+    forwards, svds = [], []
+    real_forward, real_svd = BlockIO.forward, torch.linalg.svd
     monkeypatch.setattr(BlockIO, "forward", lambda self, *a: forwards.append(a[0]) or real_forward(self, *a))
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: svds.append(1) or real_svd(*a, **k))
     many = run_many(CompressConfig(ratio=(0.2, 0.4), out=tmp_path / "many", **cfg))
     n_blocks = AutoModelForCausalLM.from_pretrained(tiny4).config.num_hidden_layers
     assert sorted(forwards) == list(range(n_blocks))  # one forward per block, not one per ratio
+    if method == "svd-llm":  # one whitened SVD per compressed linear, shared by both ratios
+        assert len(svds) == len(set(many[0].ranks) | set(many[1].ranks))
     for result in many:
         single = run(CompressConfig(ratio=result.ratio, out=tmp_path / f"one-{result.ratio}", **cfg))
         assert single.ranks == result.ranks

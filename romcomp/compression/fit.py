@@ -150,23 +150,34 @@ def fit_stage(ctx: FitContext, prefix: str, stage: Sequence[Group], dense: nn.Mo
     for group in stage:
         linears = {name: dense.get_submodule(name) for name in group}  # before any variant swaps them
         done: list[tuple[int, str, Factors | None]] = []
-        for j, target in enumerate(targets):
-            for name in group:
+        for batch in _order(group, targets):
+            for j, name in batch:
                 full = prefix + name
-                if full in target.ranks:
+                if full in targets[j].ranks:
                     f = None
                     if owner(ctx, name, world) == world.rank:
-                        stats, decompose = target.statistics(group, name)
-                        f = factor(ctx, linears[name], full, stats, decompose, target.ranks[full])
+                        stats, decompose = targets[j].statistics(group, name)
+                        f = factor(ctx, linears[name], full, stats, decompose, targets[j].ranks[full])
                     done.append((j, name, f))
                     if not world.active:  # applied at once: no second copy of the factors is held
                         _apply(ctx, targets[j].block, prefix, name, done.pop()[2], notes[j])
-            target.release(group)
+            for j in dict.fromkeys(j for j, _ in batch):
+                targets[j].release(group)
         while done:  # distributed: the group's factors, each from the rank that computed it
             j, name, f = done.pop(0)
             f = world.broadcast_factors(f, owner(ctx, name, world))
             _apply(ctx, targets[j].block, prefix, name, f, notes[j])
     return notes
+
+
+def _order(group: Group, targets: Sequence[StageTarget]) -> list[list[tuple[int, str]]]:
+    """Batches of (target, linear) in the order they are factored, each target's memoized roots released
+    after its batch: variant by variant (one variant's roots live at a time), or — when every variant
+    reads the same statistics — linear by linear, so consecutive calls factor the same weight (SVD-LLM's
+    rank-independent SVD, held for one weight at a time, then serves every ratio)."""
+    if len(targets) > 1 and all(t.statistics is targets[0].statistics for t in targets):
+        return [[(j, name) for name in group for j in range(len(targets))]]
+    return [[(j, name) for name in group] for j in range(len(targets))]
 
 
 def _apply(ctx: FitContext, block: nn.Module, prefix: str, name: str, f: Factors, notes: list[str]) -> None:

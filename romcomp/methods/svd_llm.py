@@ -53,16 +53,23 @@ def whitening_inverse(stats: InputStats) -> tuple[torch.Tensor, list[str]]:
 
 def whitened_svd(weight: torch.Tensor, stats: InputStats) -> tuple[torch.Tensor, ...]:
     """The float32 SVD of ``W S``; rank-independent, so the last one is kept for the next call with the
-    same weight tensor (the engine passes one dense weight to every ratio of a shared-statistics run).
-    A different weight replaces it, freeing the old factors first: at most one SVD is ever held."""
+    same weight (the engine passes one dense weight to every ratio of a shared-statistics run, as
+    ``linear.weight.data``: a new tensor object on every access, so sameness is the same memory, shape
+    and strides — the held reference keeps that memory from being reused). A different weight replaces
+    it, freeing the old factors first: at most one SVD is ever held."""
     held = stats.derived.get("svd-llm-svd")
-    if held is not None and held[0] is weight:
+    if held is not None and _same_tensor(held[0], weight):
         return held[1:]
     stats.derived.pop("svd-llm-svd", None)
     root, _ = _root(stats)
     u, s, vh = torch.linalg.svd(weight.float() @ root.float(), full_matrices=False)
     stats.derived["svd-llm-svd"] = (weight, u, s, vh)
     return u, s, vh
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Views of the same memory with the same layout (``linear.weight.data`` twice)."""
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
 
 
 def decompose(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, rank: int) -> Factors:
