@@ -46,7 +46,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_speed import needed_tflop  # noqa: E402
+from bench_scale import linear_shapes  # noqa: E402
+from bench_speed import needed_tflop, solve_flops  # noqa: E402
 
 LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
               "num_key_value_heads": 40, "num_hidden_layers": 40}  # fmt: skip
@@ -165,7 +166,7 @@ def projection(config: dict[str, Any], single: dict[str, float], bytes_per_block
     shapes_13b = stats_bytes(LLAMA2_13B)
     scale = {k: shapes_13b[k] / stats_bytes(config)[k] for k in shapes_13b}
     reduced = bytes_per_block["pre-pass"] * scale["pre-pass"] + bytes_per_block["blocks"] * scale["blocks"]
-    params, blocks = sum(a * b for a, b in _shapes(LLAMA2_13B)), LLAMA2_13B["num_hidden_layers"]
+    params, blocks = sum(a * b for a, b in linear_shapes(LLAMA2_13B)), LLAMA2_13B["num_hidden_layers"]
     broadcast = 4 * params * (1 - args.ratio)  # float32 factors at the ratio's size
     rows = []
     for machines in (4, 16):
@@ -179,16 +180,10 @@ def projection(config: dict[str, Any], single: dict[str, float], bytes_per_block
     return rows
 
 
-def _shapes(config: dict[str, Any]) -> list[tuple[int, int]]:
-    from bench_scale import linear_shapes
-
-    return linear_shapes(config)
-
-
 def _busiest_share(config: dict[str, Any], ranks: int) -> float:
     """The busiest rank's share of a block's decomposition work when the linears are dealt round
     (``World.owner``), each weighted by its counted dense-algebra core."""
-    cost = [b**3 / 3 + 2 * a * b * b + 10 / 3 * min(a, b) ** 3 for a, b in _shapes(config)]
+    cost = [solve_flops(a, b) for a, b in linear_shapes(config)]
     load = [0.0] * ranks
     for i, c in enumerate(cost):
         load[i % ranks] += c

@@ -121,6 +121,12 @@ def statistics_tflop(config: dict[str, Any], tokens: int) -> dict[str, float]:
     }
 
 
+def solve_flops(d_out: int, d_in: int) -> float:
+    """One linear's decomposition core (see :func:`needed_tflop`): Cholesky d_in³/3, the whitened product
+    2·d_out·d_in², an eigensolve with vectors of the narrower side ~10/3·n³."""
+    return d_in**3 / 3 + 2 * d_out * d_in * d_in + 10 / 3 * min(d_out, d_in) ** 3
+
+
 def needed_tflop(config: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:
     """The work a run needs per block, counted (not timed): each forward it must run — the dense pre-pass
     over its windows (``auto``), then one per stream (two for the error-aware fit: dense and compressed) —
@@ -136,7 +142,7 @@ def needed_tflop(config: dict[str, Any], args: dict[str, Any]) -> dict[str, floa
     fwd = lambda t: (2 * sum(a * b for a, b in shapes) * t + 4 * t * seq * config["hidden_size"]) / 1e12  # noqa: E731
     stats = statistics_tflop(config, 1)
     error_aware = args.get("fit") == "error-aware"
-    solve = sum(b**3 / 3 + 2 * a * b * b + 10 / 3 * min(a, b) ** 3 for a, b in shapes) / 1e12
+    solve = sum(solve_flops(a, b) for a, b in shapes) / 1e12
     spectra = sum(2 * a * b * b + 4 / 3 * min(a, b) ** 3 for a, b in shapes) / 1e12 if pre_tokens else 0.0
     return {
         "forwards": fwd(pre_tokens) + fwd(tokens) * (2 if error_aware else 1),

@@ -60,6 +60,13 @@ class Traffic:
     broadcast_bytes: int = 0
     seconds: float = 0.0
 
+    def since(self, before: Traffic) -> dict[str, float]:
+        """What was sent after the snapshot ``before`` (``replace(traffic)``): seconds in collectives
+        (``comm``), bytes all-reduced and broadcast — one block's, as its records keep them."""
+        return {"comm": self.seconds - before.seconds,
+                "reduced_bytes": self.reduced_bytes - before.reduced_bytes,
+                "broadcast_bytes": self.broadcast_bytes - before.broadcast_bytes}  # fmt: skip
+
 
 @dataclass
 class World:
@@ -87,10 +94,11 @@ class World:
         start, stop = self.bounds(windows.shape[0])
         return windows[start:stop]
 
-    def owner(self, index: int) -> int:
-        """The rank that computes item ``index`` of a list every rank walks in the same order (the
-        block's linears: q, k, v, o… on ranks 0, 1, 0, 1…)."""
-        return index % self.size
+    def owner(self, linears: Sequence[str], name: str) -> int:
+        """The rank that computes linear ``name`` of a block whose linears, in forward order, are
+        ``linears``: dealt round the ranks (q, k, v, o… on 0, 1, 0, 1…), so a group's linears and
+        consecutive one-linear stages alternate."""
+        return linears.index(name) % self.size
 
     def largest_shard(self, n: int) -> int:
         """The most windows any rank holds: what each rank's memory plan counts."""

@@ -143,7 +143,7 @@ def fit_stage(ctx: FitContext, prefix: str, stage: Sequence[Group], dense: nn.Mo
     """Factor every linear of ``stage`` that a target's rank map names — the *dense* linear of ``dense``
     (the same weight for every variant) — and apply the factors to that target's block; returns the
     notes per target. Group by group, variant by variant, so one variant's memoized roots are live at a
-    time. Distributed, each linear is factored by one rank (:func:`owner`) and broadcast to the others
+    time. Distributed, each linear is factored by one rank (``World.owner``) and broadcast to the others
     once its group is done."""
     world = distributed.current()
     notes: list[list[str]] = [[] for _ in targets]
@@ -155,7 +155,7 @@ def fit_stage(ctx: FitContext, prefix: str, stage: Sequence[Group], dense: nn.Mo
                 full = prefix + name
                 if full in targets[j].ranks:
                     f = None
-                    if owner(ctx, name, world) == world.rank:
+                    if world.owner(ctx.io.arch.linears, name) == world.rank:
                         stats, decompose = targets[j].statistics(group, name)
                         f = factor(ctx, linears[name], full, stats, decompose, targets[j].ranks[full])
                     done.append((j, name, f))
@@ -165,7 +165,7 @@ def fit_stage(ctx: FitContext, prefix: str, stage: Sequence[Group], dense: nn.Mo
                 targets[j].release(group)
         while done:  # distributed: the group's factors, each from the rank that computed it
             j, name, f = done.pop(0)
-            f = world.broadcast_factors(f, owner(ctx, name, world))
+            f = world.broadcast_factors(f, world.owner(ctx.io.arch.linears, name))
             _apply(ctx, targets[j].block, prefix, name, f, notes[j])
     return notes
 
@@ -183,12 +183,6 @@ def _order(group: Group, targets: Sequence[StageTarget]) -> list[list[tuple[int,
 def _apply(ctx: FitContext, block: nn.Module, prefix: str, name: str, f: Factors, notes: list[str]) -> None:
     apply(block, name, f, ctx.io.out_dtype)
     notes += [f"{prefix}{name}: {n}" for n in f.notes]
-
-
-def owner(ctx: FitContext, name: str, world: distributed.World) -> int:
-    """The rank that factors linear ``name``: the block's linears dealt round the ranks in order, so a
-    group's linears and consecutive one-linear stages alternate."""
-    return world.owner(ctx.io.arch.linears.index(name))
 
 
 def fit_local(ctx: FitContext, index: int, blocks: list[nn.Module], variants: Sequence[Variant],

@@ -156,10 +156,8 @@ class CompressPass:
         world = distributed.current()
         if not world.active:
             return {}
-        now, then = world.traffic, self._traffic
-        return {"comm": round(now.seconds - then.seconds, 3),
-                "reduced_bytes": now.reduced_bytes - then.reduced_bytes,
-                "broadcast_bytes": now.broadcast_bytes - then.broadcast_bytes}  # fmt: skip
+        sent = world.traffic.since(self._traffic)
+        return {**sent, "comm": round(sent["comm"], 3)}
 
 
 def compress_blocks(ctx: FitContext, fit: str, targets: Sequence[Target], windows: torch.Tensor, in_ram: bool,

@@ -194,7 +194,7 @@ def _block_spectra(block: nn.Module, arch: ArchSpec, narrow: list, stats: dict, 
     eig: dict[str, torch.Tensor] = {}
     for group in arch.groups:
         for name in group:
-            if world.owner(arch.linears.index(name)) != world.rank:
+            if world.owner(arch.linears, name) != world.rank:
                 continue  # another rank's (distributed): broadcast below
             linear = block.get_submodule(name)
             bias = None if linear.bias is None else linear.bias.data
@@ -204,7 +204,7 @@ def _block_spectra(block: nn.Module, arch: ArchSpec, narrow: list, stats: dict, 
         if group[0] in stats and not keep_roots:
             stats[group[0]].derived.clear()
     if world.active:
-        eig = {n: world.broadcast_object(eig.get(n), world.owner(i)) for i, n in enumerate(arch.linears)}
+        eig = {n: world.broadcast_object(eig.get(n), world.owner(arch.linears, n)) for n in arch.linears}
     return eig
 
 
@@ -308,11 +308,9 @@ class ProfilePass:
             self.io, index, block, sources["dense"], sinks.get("dense"), self.sensitivity, self.expert_chunk
         )
         if world.active:  # the block's collectives: seconds, bytes all-reduced and broadcast
-            now = world.traffic
-            self._tensors["seconds.comm"] = torch.tensor(now.seconds - before.seconds, dtype=torch.float64)
-            for kind in ("reduced_bytes", "broadcast_bytes"):
-                value = getattr(now, kind) - getattr(before, kind)
-                self._tensors[f"comm.{kind}"] = torch.tensor(float(value), dtype=torch.float64)
+            for kind, value in world.traffic.since(before).items():
+                key = "seconds.comm" if kind == "comm" else f"comm.{kind}"
+                self._tensors[key] = torch.tensor(float(value), dtype=torch.float64)
 
     def finish(self, index: int, sources: Streams) -> None:
         atomic_save_safetensors(self._tensors, spectra_path(self.work, index))  # after the sink is durable
