@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from romcomp.compression import allocation
 from romcomp.compression.allocation import (
     ASVD_CANDIDATES,
     LinearSpectrum,
@@ -35,8 +36,10 @@ def spectra_for(shapes: list[LinearShape], seed: int = 0) -> dict[str, LinearSpe
     }
 
 
+@pytest.mark.parametrize("mode", ["step", "bundle"])
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.6])
-def test_auto_spends_the_budget_exactly_within_one_rank_step(ratio):
+def test_auto_spends_the_budget_exactly_within_one_rank_step(ratio, mode, monkeypatch):
+    monkeypatch.setattr(allocation, "AUTO_DENSE", mode)
     shapes = model_shapes()
     ranks = allocate_auto(shapes, ratio, spectra_for(shapes))
     dense, kept = linear_params(shapes, ranks)
@@ -59,6 +62,24 @@ def test_auto_is_deterministic_and_follows_the_spectra():
     ranks = allocate_auto(shapes, 0.3, spectra)
     assert "layers.1.up" not in ranks  # left dense
     assert ranks["layers.2.up"] <= 3  # compressed to its planted rank
+
+
+def test_auto_bundle_prices_the_jump_to_dense_by_everything_it_recovers(monkeypatch):
+    """A matrix with a flat spectrum recovers its whole tail by going dense, for a little more than the
+    factors it would otherwise keep. Priced one direction at a time (``step``) it stops short of
+    break-even — factors that cost nearly the dense matrix and drop part of its spectrum; ``bundle`` makes
+    it dense and takes the parameters from the steep matrices instead."""
+    shapes = model_shapes()
+    spectra = {s.name: spectrum(min(s.d_in, s.d_out), 1.0) for s in shapes}
+    flat = "layers.1.up"
+    spectra[flat] = LinearSpectrum(torch.full((64,), 0.02, dtype=torch.float64), 1.0, 1000)
+    by_step = allocate_auto(shapes, 0.3, spectra)
+    assert flat in by_step and by_step[flat] > dense_breakeven(shapes[6]) // 2  # factored, and large
+    monkeypatch.setattr(allocation, "AUTO_DENSE", "bundle")
+    by_bundle = allocate_auto(shapes, 0.3, spectra)
+    assert flat not in by_bundle  # dense
+    dense, kept = linear_params(shapes, by_bundle)
+    assert (1 - 0.3) * dense - max(s.d_in + s.d_out for s in shapes) < kept <= (1 - 0.3) * dense
 
 
 def test_auto_weighs_damage_to_the_residual_stream():
@@ -94,6 +115,36 @@ def test_last_n_compresses_only_the_last_blocks_to_the_same_total():
     assert 0.2 <= 1 - kept / dense < 0.21  # floor of each rank: at most one rank step over
     with pytest.raises(BadInputError):
         allocate_last_n(shapes, 0.6, 8, 2, block_of)  # 2 of 8 blocks cannot remove 60% of all
+
+
+def test_v2_spends_the_share_a_capped_matrix_cannot_take():
+    """One matrix per type with a negligible truncation loss asks for more than all of itself; the cap
+    keeps 1 − V2_CAP of it and the rest of the type's budget goes to the others: the total removed is the
+    ratio within the rounding (one rank step per matrix), where dropping the excess removed ~0.18 less."""
+    shapes = model_shapes()
+    huge = {s.name: LinearSpectrum(torch.full((min(s.d_in, s.d_out),), 1e80, dtype=torch.float64), 1.0, 1000)
+            for s in shapes}  # fmt: skip
+    for kind, (d_in, d_out) in KINDS.items():
+        tiny = torch.full((min(d_in, d_out),), 1e-12, dtype=torch.float64)
+        huge[f"layers.0.{kind}"] = LinearSpectrum(tiny, 1.0, 1000)
+    ranks = allocate_v2(shapes, 0.5, huge)
+    dense, kept = linear_params(shapes, ranks)
+    step = sum(s.d_in + s.d_out for s in shapes)
+    assert 0.5 * dense <= dense - kept <= 0.5 * dense + step
+    assert ranks["layers.0.q"] == 1  # capped: the most the type's weights could give it
+
+
+def test_last_n_counts_parameters_when_blocks_differ_in_size():
+    """The last blocks four times as large (experts): their per-matrix ratio comes from their share of the
+    parameters, not from the block count (which would remove 0.64 instead of 0.4 with the last four)."""
+    shapes = [LinearShape(s.name, s.d_in, s.d_out, count=4 if int(s.name.split(".")[1]) >= 4 else 1)
+              for s in model_shapes(8)]  # fmt: skip
+    block_of = {s.name: int(s.name.split(".")[1]) for s in shapes}
+    for last_n in (3, 4, None):
+        ranks = allocate_last_n(shapes, 0.4, 8, last_n, block_of)
+        dense, kept = linear_params(shapes, ranks)
+        assert 0.4 <= 1 - kept / dense < 0.42, (last_n, 1 - kept / dense)
+    assert {block_of[n] for n in allocate_last_n(shapes, 0.4, 8, None, block_of)} == {4, 5, 6, 7}
 
 
 def planted_sensitivity(shapes: list[LinearShape], scale: dict[str, float]) -> dict[str, LinearSpectrum]:

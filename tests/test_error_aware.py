@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from romcomp.compression.stats import accumulate, accumulate_cross
@@ -41,6 +42,62 @@ def test_equals_local_rom_when_streams_are_identical():
         a = error_aware.decompose(w, b, cross_stats(x, x), 7)
         ref = get_method("rom")(w, b, local, 7)
         torch.testing.assert_close(outputs(a, x), outputs(ref, x), rtol=1e-5, atol=1e-5)
+
+
+def _ridge_reference(w, b, x, x_hat, delta):
+    """``argmin_M ‖W̃ x̃ − M x̃̂‖² / n + ‖(M − W̃) Δ^½‖²`` by least squares on stacked rows (``Δ`` = the
+    ridge's diagonal): an independent route to the regression map, not the implementation's closed form."""
+    n = x.shape[0]
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    xt = torch.cat([x.double(), ones], 1) if b is not None else x.double()
+    xh = torch.cat([x_hat.double(), ones], 1) if b is not None else x_hat.double()
+    wt = torch.cat([w.double(), b.double()[:, None]], 1) if b is not None else w.double()
+    root = torch.as_tensor(delta, dtype=torch.float64).expand(xh.shape[1]).sqrt()
+    design = torch.cat([xh / n**0.5, torch.diag(root)], 0)
+    target = torch.cat([xt @ wt.T / n**0.5, torch.diag(root) @ wt.T], 0)
+    return torch.linalg.lstsq(design, target).solution.T
+
+
+def test_regression_map_equals_an_independent_ridge_solve(monkeypatch):
+    """The map ``M₀`` equals the ridge least-squares solution computed from the raw rows, for both ridge
+    shapes, with and without a bias, where the dense stream is the compressed one distorted *and shifted*
+    (so the bias column has a real correction to carry). Mutation-checked by hand: a flipped sign of the
+    correction, a 5× scale of it, or a dropped shift column (``W (x̄ − μ̂)``) each fail by ≥ 10×."""
+    torch.manual_seed(11)
+    d, n = 24, 6000
+    x_hat = torch.randn(n, d) * torch.logspace(0, -1, d) + 0.3
+    x = x_hat @ (torch.eye(d) + 0.3 * torch.randn(d, d) / d**0.5).T + 0.5  # distorted and shifted
+    stats = cross_stats(x, x_hat)
+    assert not stats.identical
+    for shape in ("mean", "channel"):
+        monkeypatch.setattr(error_aware, "RIDGE", shape)
+        for bias in (None, torch.randn(16)):
+            w = torch.randn(16, d)
+            m0 = error_aware.target_map(w, bias, cross_stats(x, x_hat))
+            sigma = error_aware.augmented_sigma(stats.hat, bias is not None)
+            delta = error_aware.ridge(sigma.diagonal())
+            ref = _ridge_reference(w, bias, x, x_hat, delta)
+            dense = error_aware.augmented_weight(w, bias)
+            correction = (ref - dense).norm()
+            assert correction > 0.05 * dense.norm()  # a real correction, and in the bias column too
+            if bias is not None:
+                assert (ref[:, -1] - dense[:, -1]).norm() > 0.05 * dense[:, -1].norm()
+            assert (m0 - ref).norm() < 1e-3 * correction, (shape, bias is None)
+
+
+def test_identical_streams_take_the_local_rom_shortcut():
+    """Equal streams are detected from the values (the sums cannot tell: their GEMM and ``syrk`` round
+    differently), the map is the dense weight bit for bit; one differing element turns it off."""
+    torch.manual_seed(12)
+    x = torch.randn(700, 20) + 0.1
+    same = cross_stats(x, x.clone())
+    assert same.identical
+    w, b = torch.randn(8, 20), torch.randn(8)
+    assert torch.equal(error_aware.target_map(w, b, same), error_aware.augmented_weight(w, b))
+    bumped = x.clone()
+    bumped[650, 3] += 1e-3  # in the last batch
+    assert not cross_stats(x, bumped).identical
+    assert not error_aware.target_map(w, b, cross_stats(x, bumped)).equal(error_aware.augmented_weight(w, b))
 
 
 def test_recovers_a_planted_reduced_rank_regression(monkeypatch):
@@ -165,14 +222,16 @@ def test_output_side_fit_picks_the_subspace_of_the_dense_outputs():
         )
 
 
-def test_float32_correction_matches_float64_with_massive_activations(monkeypatch):
+@pytest.mark.parametrize("shape", ["mean", "channel"])
+def test_float32_correction_matches_float64_with_massive_activations(monkeypatch, shape):
     """The regression's correction ``W D (Σ̂ + δI)⁻¹`` in float32 (``SOLVE_DTYPE``) stays within 1e-3 of
     the float64 one, relative to the correction itself, with two massive channels (100× the median) that
     stretch Σ̂'s spectrum; with and without a bias column."""
+    monkeypatch.setattr(error_aware, "RIDGE", shape)
     torch.manual_seed(4)
     d = 256
     scale = torch.logspace(0, -1, d)
-    scale[[7, 100]] = 30.0
+    scale[[7, 100]] = 300.0  # 10⁵× the median variance, as SmolLM2's residual stream has
     x_hat = torch.randn(6000, d) * scale
     x = x_hat + x_hat @ (0.3 * torch.randn(d, d) / d**0.5).T + 0.05  # a correlated upstream error
     for bias in (None, torch.randn(48)):

@@ -246,7 +246,9 @@ def test_multiple_choice_picks_the_constructed_answer(tiny_llama: Path, tmp_path
 
 
 def test_parse_tasks_groups_and_names() -> None:
-    assert parse_tasks("ppl") == Tasks(["wikitext2", "ptb", "c4"], [])
+    assert parse_tasks("ppl") == Tasks(["wikitext2", "ptb", "c4"], [])  # test splits only
+    assert parse_tasks("validation") == Tasks(["wikitext2-valid", "ptb-valid"], [])
+    assert parse_tasks("c4,ptb-valid") == Tasks(["c4", "ptb-valid"], [])
     assert parse_tasks("piqa, c4, speed") == Tasks(["c4"], ["piqa"], speed=True)
     assert parse_tasks("zeroshot").zeroshot == [
         "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa", "copa",
@@ -289,7 +291,7 @@ def test_cli_command_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path
         pass
 
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    args = ["eval", str(tiny_llama), "--tasks", "wikitext2,ptb", "--limit", "2", "--seq-len", "32"]
+    args = ["eval", str(tiny_llama), "--tasks", "wikitext2,ptb,validation", "--limit", "2", "--seq-len", "32"]
     args += ["--threads", "1", "--json", str(out_json), "--report", str(out_md), "--data-dir", str(data_dir)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -298,6 +300,9 @@ def test_cli_command_end_to_end(tiny_llama: Path, data_dir: Path, tmp_path: Path
     entry = doc["models"][0]["perplexity"]["wikitext2"]
     assert entry["windows"] == 2 and entry["tokens_scored"] == 62 and entry["seq_len"] == 32
     assert doc["data"]["ptb/ptb.test.txt"].startswith("91a2fa93")
+    valid = doc["models"][0]["perplexity"]["wikitext2-valid"]  # the validation split, not the test text
+    assert valid["data_file"].endswith("wiki.valid.tokens") and valid["ppl"] != entry["ppl"]
+    assert doc["models"][0]["perplexity"]["ptb-valid"]["data_file"].endswith("ptb.valid.txt")
     assert "PARTIAL RUN" in out_md.read_text() and doc["versions"]["lm_eval"]
     settings_line = next(line for line in out_md.read_text().splitlines() if "seeds" in line)
     assert "seq len 32" in settings_line and "num_fewshot" not in settings_line  # perplexity only

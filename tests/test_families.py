@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,34 @@ def test_checkpoint_conversion_romcomp_cannot_stream_is_refused_before_work(sour
     with pytest.raises(BadInputError, match=r"experts\.down_proj' needs transformers' Transpose conversion"):
         run(CompressConfig(model=str(sources["mixtral"]), ratio=0.3, out=out, calib=str(calib_text), **SMALL))
     assert not out.exists()
+
+
+def test_measured_signal_sees_through_a_post_norm(tmp_path, calib_text, monkeypatch):
+    """Gemma 2 normalizes each sublayer's output before adding it to the residual stream, so scaling a
+    block's down_proj by 0.03 changes nothing the model computes. The proxy signal reads the linear's own
+    output energy and cuts the scaled matrix to almost nothing; the measured signal (``SIGNAL = "block"``:
+    the block's output under each cut) allocates it as before."""
+    from safetensors.torch import load_file, save_file
+
+    from romcomp.compression import allocation
+
+    src = make_family_model(tmp_path / "src", "gemma2", layers=3)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(src, scaled)
+    target = "model.layers.1.mlp.down_proj"
+    for shard in scaled.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if f"{target}.weight" in tensors:
+            tensors[f"{target}.weight"] = tensors[f"{target}.weight"] * 0.03
+            save_file(tensors, shard, metadata={"format": "pt"})
+    ranks = {}
+    for signal in ("proxy", "block"):
+        monkeypatch.setattr(allocation, "SIGNAL", signal)
+        for name, model in (("dense", src), ("scaled", scaled)):
+            out = tmp_path / f"{signal}-{name}"
+            cfg = CompressConfig(model=str(model), ratio=0.3, out=out, calib=str(calib_text), n_samples=8,
+                                 seq_len=64, progress=False, max_ram="2GB")  # fmt: skip
+            result = run(cfg)
+            ranks[signal, name] = result.ranks.get(target, 10**6)  # absent: dense
+    assert ranks["proxy", "scaled"] <= 2 < ranks["proxy", "dense"], ranks
+    assert abs(ranks["block", "scaled"] - ranks["block", "dense"]) <= 2, ranks

@@ -260,3 +260,22 @@ def test_cli_seed_and_overwrite(tiny4, tmp_path, calib_text):
     again = romcomp_cli(*common, "--ratio", "0.4", "--out", str(runs["0"]), "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((runs["0"] / "config.json").read_text())["quantization_config"]["ratio"] == 0.4
+
+
+def test_first_stage_of_the_first_block_fits_as_local_rom(tiny4, tmp_path, calib_text, monkeypatch):
+    """The compressed stream equals the dense one until the first linear is replaced: the engine's paired
+    statistics see it, so block 0's first group (q/k/v) skips the regression, and nothing later does."""
+    from romcomp.methods import error_aware
+
+    seen: list[bool] = []
+    original = error_aware.target_map
+
+    def recording(weight, bias, stats):
+        seen.append(stats.identical)
+        return original(weight, bias, stats)
+
+    monkeypatch.setattr(error_aware, "target_map", recording)
+    run(CompressConfig(model=str(tiny4), ratio=0.3, out=tmp_path / "o", calib=str(calib_text),
+                       allocation="uniform", **SMALL))  # fmt: skip
+    per_block = len(seen) // 4
+    assert seen[:3] == [True, True, True] and not any(seen[3:]), (per_block, seen)

@@ -36,6 +36,17 @@ Measured on SmolLM2-135M at ratio 0.2 (error-aware fit, C4 32 × 512, WikiText-2
 1 → 57.2, **1.5 → 54.7**, 2 → 55.1."""
 
 
+SIGNAL = "proxy"
+"""What converts a linear's discarded output energy into damage (``auto``): ``"proxy"``, the sublayer's
+share of the residual stream to ``ENERGY_EXPONENT`` over the linear's output energy; ``"block"``, measured
+in the pre-pass — the block run with the linear cut to each of ``MEASURED_FRACTIONS`` of its rank (ROM's
+local fit), the relative change of the block's output (what reaches the residual stream, after any norm,
+scale or routing the family applies) over the energy the cut discards."""
+
+MEASURED_FRACTIONS = (0.125, 0.25, 0.5)
+"""Where the ``"block"`` signal cuts each linear, as fractions of its outputs' rank."""
+
+
 @dataclass
 class LinearSpectrum:
     """What the dense pre-pass measured for one linear.
@@ -49,6 +60,7 @@ class LinearSpectrum:
     sublayer: float
     tokens: int
     sensitivity: torch.Tensor | None = None  # per ASVD_CANDIDATES entry (``--allocation asvd`` only)
+    measured: torch.Tensor | None = None  # block-output damage per MEASURED_FRACTIONS entry (SIGNAL "block")
 
     @property
     def weight(self) -> float:
@@ -56,8 +68,19 @@ class LinearSpectrum:
         linear's own output energy, times the sublayer's relative size to the power ``ENERGY_EXPONENT``
         (1 would be the first-order share; larger values protect sublayers that rewrite much of the stream,
         which the measurements favour: errors there also change what every later layer sees)."""
+        if SIGNAL == "block" and self.measured is not None:
+            return self.measured_weight()
         trace = float(self.eigvals.sum())
         return self.sublayer**ENERGY_EXPONENT / trace if trace > 0 and self.sublayer > 0 else 0.0
+
+    def measured_weight(self) -> float:
+        """Measured damage per unit of discarded output energy: ``Σ_j damage_j / Σ_j tail(k_j)`` over the
+        measured cuts ``k_j`` (a ratio of sums: the large cuts, measured most precisely, dominate)."""
+        lam = self.eigvals.clamp_min(0)
+        n = lam.numel()
+        tails = sum(float(lam[max(1, round(f * n)) :].sum()) for f in MEASURED_FRACTIONS)
+        damage = float(self.measured.clamp_min(0).sum())
+        return damage / tails if tails > 0 else 0.0
 
 
 def max_rank(s: LinearShape) -> int:
@@ -72,19 +95,26 @@ def dense_breakeven(s: LinearShape) -> int:
 def allocate_last_n(shapes: Sequence[LinearShape], ratio: float, n_blocks: int, last_n: int | None,
                     block_of: dict[str, int]) -> dict[str, int]:  # fmt: skip
     """Compress only the last ``last_n`` blocks (default: the fewest at which the per-matrix ratio is at
-    most 0.6), each at the per-matrix ratio that removes ``ratio`` of all block-linear parameters."""
+    most 0.6), each at the per-matrix ratio that removes ``ratio`` of all block-linear parameters: the
+    chosen blocks' share of the parameters sets it (blocks need not be equal, e.g. MoE layers among dense
+    ones). Each rank rounds down, so at most one rank step per matrix more is removed."""
+    dense_total = sum(s.dense_params for s in shapes)
+
+    def inner(n: int) -> float:
+        chosen = sum(s.dense_params for s in shapes if block_of[s.name] >= n_blocks - n)
+        return ratio * dense_total / chosen if chosen else math.inf
+
     if last_n is None:
-        last_n = min(n_blocks, math.ceil(n_blocks * ratio / 0.6))
+        last_n = next((n for n in range(1, n_blocks + 1) if inner(n) <= 0.6), n_blocks)
     if last_n > n_blocks:
         raise BadInputError(f"--last-n {last_n} exceeds the model's {n_blocks} blocks")
-    inner = ratio * n_blocks / last_n
-    if inner >= 0.95:
+    if inner(last_n) >= 0.95:
         raise BadInputError(
             f"--last-n {last_n} blocks cannot remove {ratio:g} of all block linears "
-            f"(needs {inner:.2f} of each); use more blocks"
+            f"(needs {inner(last_n):.2f} of each); use more blocks"
         )
     chosen = [s for s in shapes if block_of[s.name] >= n_blocks - last_n]
-    return allocate_uniform(chosen, inner)
+    return allocate_uniform(chosen, inner(last_n))
 
 
 def truncation_loss(spec: LinearSpectrum, rank: int) -> float:
@@ -93,10 +123,17 @@ def truncation_loss(spec: LinearSpectrum, rank: int) -> float:
     return math.sqrt(float(spec.eigvals[rank:].clamp_min(0).sum()) * spec.tokens)
 
 
+V2_CAP = 0.99
+"""The largest share of one matrix ``v2`` removes (its log-loss weights can ask for more than all)."""
+
+
 def allocate_v2(
     shapes: Sequence[LinearShape], ratio: float, spectra: dict[str, LinearSpectrum]
 ) -> dict[str, int]:
-    """SVD-LLM V2: per matrix type (q_proj, …), ratio_i = |G|·r·(1/log L_i) / Σ_j 1/log L_j."""
+    """SVD-LLM V2: per matrix type (q_proj, …), ratio_i ∝ 1/log L_i with the type's parameters removed at
+    ``ratio`` (``|G|·r·(1/log L_i) / Σ_j 1/log L_j`` for equal shapes). A share above ``V2_CAP`` is capped
+    and the excess goes to the type's other matrices in the same proportions (water-filling), so the
+    budget is spent, not dropped; each rank rounds down (at most one rank step more removed)."""
     groups: dict[str, list[LinearShape]] = defaultdict(list)
     for s in shapes:
         groups[s.name.rsplit(".", 1)[-1] + (" (experts)" if s.count > 1 else "")].append(s)
@@ -107,13 +144,34 @@ def allocate_v2(
             k = uniform_rank(s.d_in, s.d_out, ratio) or max_rank(s)
             loss = truncation_loss(spectra[s.name], k)
             inv.append(1.0 / math.log(max(loss, math.e)))  # log L ≥ 1 keeps every share positive
-        total = sum(inv)
-        for s, w in zip(members, inv, strict=True):
-            r = min(len(members) * ratio * w / total, 0.99)
+        shares = _water_fill([s.dense_params for s in members], inv, ratio, V2_CAP)
+        for s, r in zip(members, shares, strict=True):
             k = uniform_rank(s.d_in, s.d_out, r)
             if k is not None:
                 ranks[s.name] = min(k, max_rank(s))
     return ranks
+
+
+def _water_fill(sizes: Sequence[int], weights: Sequence[float], ratio: float, cap: float) -> list[float]:
+    """Shares ``min(c·w_i, cap)`` with ``Σ share_i·size_i = ratio·Σ size_i`` (``c`` found exactly: the
+    capped set only grows as ``c`` does)."""
+    target = ratio * sum(sizes)
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(sizes)) if i not in capped]
+        rest = target - cap * sum(sizes[i] for i in capped)
+        scale = rest / max(sum(weights[i] * sizes[i] for i in free), 1e-300)
+        over = {i for i in free if scale * weights[i] > cap}
+        if not over or len(capped | over) == len(sizes):
+            capped |= over
+            return [cap if i in capped else min(scale * weights[i], cap) for i in range(len(sizes))]
+        capped |= over
+
+
+AUTO_DENSE = "step"
+"""How ``auto`` prices keeping a matrix dense: ``"step"`` only at break-even, as one more direction
+(worth that direction's eigenvalue); ``"bundle"`` at every rank, as the jump to dense (worth every
+eigenvalue not yet kept, for what the jump costs), taken when that is the better buy per parameter."""
 
 
 def allocate_auto(
@@ -126,7 +184,8 @@ def allocate_auto(
     projection, which share one rank); directions are taken in order of worth per parameter (a matrix's
     worth per direction only falls, so this is the Lagrangian optimum of the additive proxy) while the
     kept parameters stay within ``(1 − ratio)`` of dense. Reaching break-even turns a matrix dense (cost
-    ``d_in·d_out``, never more than its factors). Deterministic: ties are broken by the order of ``shapes``.
+    ``d_in·d_out``, never more than its factors); with ``AUTO_DENSE = "bundle"`` the jump to dense is on
+    offer at every rank (see :data:`AUTO_DENSE`). Deterministic: ties are broken by the order of ``shapes``.
     """
     dense_total = sum(s.dense_params for s in shapes)
     budget = (1.0 - ratio) * dense_total
@@ -135,10 +194,22 @@ def allocate_auto(
     if spent > budget:
         raise BadInputError(f"--ratio {ratio:g} leaves less than rank 1 per linear")
     weights = {s.name: spectra[s.name].weight for s in shapes}
+    tails = {s.name: _tails(spectra[s.name].eigvals) for s in shapes}
+    bundle = AUTO_DENSE == "bundle"
+    no_jump: set[str] = set()  # the jump to dense no longer fits the budget (it never will again)
+
+    def key(s: LinearShape, k: int) -> tuple[float, bool]:
+        """(best worth per parameter at rank k, whether that is the jump to dense)."""
+        step = _worth(spectra[s.name], weights[s.name], s, k)
+        if not bundle or s.name in no_jump or k + 1 >= dense_breakeven(s):
+            return step, False
+        jump = weights[s.name] * float(tails[s.name][k]) / (s.dense_params - k * s.rank_cost)
+        return (jump, True) if jump > step else (step, False)
+
     heap = []
     for order, s in enumerate(shapes):
         if max_rank(s) > 1:
-            heap.append((-_worth(spectra[s.name], weights[s.name], s, 1), order))
+            heap.append((-key(s, 1)[0], order))
     heapq.heapify(heap)
     by_order = list(shapes)
     dense: set[str] = set()
@@ -146,6 +217,14 @@ def allocate_auto(
         _, order = heapq.heappop(heap)
         s = by_order[order]
         k = ranks[s.name]
+        if key(s, k)[1]:  # the jump to dense is the better buy
+            if spent + s.dense_params - k * s.rank_cost <= budget:
+                spent += s.dense_params - k * s.rank_cost
+                dense.add(s.name)
+                continue
+            no_jump.add(s.name)  # does not fit: offer the next direction instead
+            heapq.heappush(heap, (-key(s, k)[0], order))
+            continue
         step = s.dense_params - k * s.rank_cost if k + 1 >= dense_breakeven(s) else s.rank_cost
         if spent + step > budget:
             continue  # this matrix's next direction does not fit; cheaper ones of others may
@@ -155,8 +234,14 @@ def allocate_auto(
             if k + 1 >= dense_breakeven(s):
                 dense.add(s.name)
             continue
-        heapq.heappush(heap, (-_worth(spectra[s.name], weights[s.name], s, k + 1), order))
+        heapq.heappush(heap, (-key(s, k + 1)[0], order))
     return {n: r for n, r in ranks.items() if n not in dense}
+
+
+def _tails(eigvals: torch.Tensor) -> torch.Tensor:
+    """``tails[k] = Σ_{i ≥ k} λ_i`` (negative round-off clamped), with ``tails[n] = 0``."""
+    lam = eigvals.clamp_min(0).double()
+    return torch.cat([lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)])
 
 
 def _worth(spec: LinearSpectrum, weight: float, s: LinearShape, k: int) -> float:

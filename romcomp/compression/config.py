@@ -54,7 +54,9 @@ class CompressConfig:
     threads: int | None = None
     overwrite: bool = False
     progress: bool = True
-    ranks: dict[str, int] | None = None  # explicit rank map (module name -> rank); overrides allocation
+    ranks: dict[str, int] | None = None  # explicit rank map (module name -> rank); overrides allocation,
+    # honoured as given: a rank at or past break-even is factored anyway (it costs more than the dense
+    # matrix, and the result's linear_after says so); the allocations never go there
     prepass_samples: int | None = None  # calibration windows the dense pre-pass reads (None: the default)
 
     def resolve(self) -> RunSpec:

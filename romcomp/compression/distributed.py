@@ -125,7 +125,7 @@ class World:
 
     def reduce_stats(self, *groups: Mapping[Any, InputStats | CrossStats]) -> None:
         """All-reduce every statistic in ``groups`` (dicts of :class:`InputStats` / :class:`CrossStats`)
-        in place: moments, sums and token counts."""
+        in place: moments, sums, token counts and whether the paired streams were equal on every rank."""
         if not self.active:
             return
         for stats in groups:
@@ -133,6 +133,7 @@ class World:
                 inputs = st.hat if isinstance(st, CrossStats) else st
                 if isinstance(st, CrossStats):
                     self.all_reduce_([st.cross, st.xsum])
+                    st.identical = self.agree_min(int(st.identical)) == 1  # equal on every rank
                 self.reduce_upper_(inputs.xtx)
                 sums = [inputs.xsum] + ([inputs.abs_sum] if inputs.abs_sum is not None else [])
                 self.all_reduce_(sums)

@@ -55,17 +55,17 @@ def compress_block(ctx: FitContext, fit: str, index: int, base: nn.Module, varia
     shape = variants[0].source.shape
     with replaying(blocks, ctx.io.arch, shape, ctx.work, ctx.in_ram) as replays:
         times, notes = _fit_and_propagate(
-            replace(ctx, replays=replays), fit, index, base, blocks, variants, dense_source, dense_sink
+            replace(ctx, replays=replays), keep_base, index, base, blocks, variants, dense_source, dense_sink
         )
     return blocks, times, notes
 
 
-def _fit_and_propagate(ctx: FitContext, fit: str, index: int, base: nn.Module, blocks: list[nn.Module],
+def _fit_and_propagate(ctx: FitContext, keep_base: bool, index: int, base: nn.Module, blocks: list[nn.Module],
                        variants: Sequence[Variant], dense_source: Boundary | None,
                        dense_sink: Boundary | None) -> tuple[BlockTimes, list[list[str]]]:  # fmt: skip
-    """:func:`compress_block`'s work, with the compressed copies' first sublayers replayed once fitted."""
+    """:func:`compress_block`'s work, with the compressed copies' first sublayers replayed once fitted;
+    ``keep_base``: the error-aware fit (``base`` stays dense and carries the dense stream)."""
     times = BlockTimes()
-    keep_base = fit == "error-aware"
     if keep_base:
         notes, filled = fit_error_aware(ctx, index, base, blocks, variants, dense_source, dense_sink, times)
         if not filled:

@@ -22,14 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from romcomp.compression import distributed
+from romcomp.compression import allocation, distributed
 from romcomp.compression.activations import Boundary
 from romcomp.compression.allocation import LinearSpectrum
 from romcomp.compression.blocks import BlockIO, emit, narrower_at_output
 from romcomp.compression.experts import expert_bias, expert_matrices, expert_passes, projection_shape
 from romcomp.compression.experts import narrow as experts_narrow
 from romcomp.compression.runner import Runner, Streams
-from romcomp.compression.sensitivity import block_sensitivity
+from romcomp.compression.sensitivity import block_sensitivity, measured_ranks
 from romcomp.compression.stats import collect_expert_stats, collect_input_stats, collect_output_stats
 from romcomp.methods import rom
 from romcomp.methods.base import Factors
@@ -98,12 +98,14 @@ def profile_block(
     sink: Boundary | None,
     sensitivity: bool = False,
     expert_chunk: int | None = None,
+    measure: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Spectra and energy weights of the loaded block ``index`` on the dense stream; its outputs go to
     ``sink``. With ``sensitivity``, also every linear's ASVD sensitivity per candidate
     (:mod:`romcomp.compression.sensitivity`). MoE experts' moments are held ``expert_chunk`` experts at
     a time (the memory plan's choice): the first chunk in the forward that fills ``sink``, each further
-    one in a forward stopped after the experts."""
+    one in a forward stopped after the experts. With ``measure``, also each linear's block-output damage at
+    the ``auto`` allocation's measured cuts (``allocation.SIGNAL == "block"``)."""
     arch = io.arch
     narrow = [g for g in arch.groups if len(g) == 1 and narrower_at_output(block.get_submodule(g[0]))]
     wide = [g for g in arch.groups if g not in narrow]
@@ -127,7 +129,7 @@ def profile_block(
             emit(io.call_block(block, index, current["x"]), sink, start, stop)
         tokens = _reduced(stats, out_stats, energy, source.shape[0] * source.shape[1])
         t1 = time.perf_counter()
-        eig = _block_spectra(block, arch, narrow, stats, out_stats, keep_roots=sensitivity)
+        eig = _block_spectra(block, arch, narrow, stats, out_stats, keep_roots=sensitivity or measure)
         for name in arch.experts:
             eig[name] = experts_spectrum(block, name, expert_stats, tokens)
     for chunk in _chunks(block, arch, expert_chunk)[1:]:
@@ -144,6 +146,11 @@ def profile_block(
             io, index, block, source, list(arch.linears), _rom_factors(block, wide, stats, out_stats)
         )
         result.update({f"{prefix}{name}.sensitivity": values for name, values in damage.items()})
+    if measure:
+        factors = _rom_factors(block, wide, stats, out_stats)
+        names = list(arch.linears)
+        damage = block_sensitivity(io, index, block, source, names, factors, measured_ranks, "output")
+        result.update({f"{prefix}{name}.measured": values for name, values in damage.items()})
     for name, share in _sublayer_shares(arch, eig, energy, tokens).items():
         result[f"{prefix}{name}.eigvals"] = eig[name]
         result[f"{prefix}{name}.sublayer"] = torch.tensor(share, dtype=torch.float64)
@@ -304,9 +311,9 @@ class ProfilePass:
     def process(self, index: int, block: nn.Module, sources: Streams, sinks: Streams) -> None:
         world = distributed.current()
         before = replace(world.traffic)
-        self._tensors = profile_block(
-            self.io, index, block, sources["dense"], sinks.get("dense"), self.sensitivity, self.expert_chunk
-        )
+        measure = allocation.SIGNAL == "block" and not self.sensitivity
+        self._tensors = profile_block(self.io, index, block, sources["dense"], sinks.get("dense"),
+                                      self.sensitivity, self.expert_chunk, measure)  # fmt: skip
         if world.active:  # the block's collectives: seconds, bytes all-reduced and broadcast
             for kind, value in world.traffic.since(before).items():
                 key = "seconds.comm" if kind == "comm" else f"comm.{kind}"
@@ -366,5 +373,6 @@ def load_spectra(work: Path, n_blocks: int) -> dict[str, LinearSpectrum]:
         for key in [k for k in t if k.endswith(".eigvals")]:
             name = key[: -len(".eigvals")]
             found = t.get(f"{name}.sensitivity")
-            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.sublayer"]), tokens, found)
+            spectra[name] = LinearSpectrum(t[key], float(t[f"{name}.sublayer"]), tokens, found,
+                                           t.get(f"{name}.measured"))  # fmt: skip
     return spectra

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from romcomp.compression.activations import Boundary
-from romcomp.compression.allocation import ASVD_CANDIDATES
+from romcomp.compression.allocation import ASVD_CANDIDATES, MEASURED_FRACTIONS
 from romcomp.compression.blocks import BlockIO
 from romcomp.compression.ranks import uniform_rank
 from romcomp.methods.base import Factors
@@ -40,15 +40,25 @@ def block_sensitivity(
     source: Boundary,
     names: list[str],
     factors: Callable[[str, int], Factors],
+    ranks: Callable[[nn.Module], list[int | None]] | None = None,
+    relative_to: str = "update",
 ) -> dict[str, torch.Tensor]:
-    """``{linear name: sensitivity per ASVD_CANDIDATES entry}`` for block ``index`` on its dense inputs
-    ``source``; ``factors(name, rank)`` gives that linear's rank-``rank`` factors. Each linear's weight
-    is restored before the next one is measured, so every measurement sees the dense block otherwise."""
+    """``{linear name: damage per candidate}`` for block ``index`` on its dense inputs ``source``;
+    ``factors(name, rank)`` gives that linear's rank-``rank`` factors. Candidates: ``ranks(linear)`` (a
+    ``None`` rank: the linear stays dense, no damage), by default ASVD's (``ASVD_CANDIDATES``). The damage
+    is the squared change of the block's output relative to what the block adds to the residual stream
+    (``relative_to="update"``, ASVD's) or to the block's output itself (``"output"``: the relative error
+    of the stream the next block reads). Each linear's weight is restored before the next one is measured,
+    so every measurement sees the dense block otherwise."""
+    ranks = ranks or _asvd_ranks
     n = min(WINDOWS, source.shape[0])
     with torch.inference_mode():
         inputs = [source.read(start, stop) for start, stop in io.batches(n)]
         reference = [io.call_block(block, index, x) for x in inputs]
-        update = sum(float((y - x).double().pow(2).sum()) for x, y in zip(inputs, reference, strict=True))
+        if relative_to == "output":
+            scale = sum(float(y.double().pow(2).sum()) for y in reference)
+        else:
+            scale = sum(float((y - x).double().pow(2).sum()) for x, y in zip(inputs, reference, strict=True))
         result = {}
         for name in names:
             linear = block.get_submodule(name)
@@ -56,8 +66,7 @@ def block_sensitivity(
             bias = None if linear.bias is None else linear.bias.data
             damage = []
             try:
-                for candidate in ASVD_CANDIDATES:
-                    rank = uniform_rank(linear.in_features, linear.out_features, 1.0 - candidate)
+                for rank in ranks(linear):
                     if rank is None:  # factors at this ratio would not be smaller: the linear stays dense
                         damage.append(0.0)
                         continue
@@ -72,10 +81,20 @@ def block_sensitivity(
                         float((io.call_block(block, index, x) - y).double().pow(2).sum())
                         for x, y in zip(inputs, reference, strict=True)
                     )
-                    damage.append(err / update if update > 0 else 0.0)
+                    damage.append(err / scale if scale > 0 else 0.0)
             finally:
                 linear.weight.data = weight
                 if bias is not None:
                     linear.bias.data = bias
             result[name] = torch.tensor(damage, dtype=torch.float64)
     return result
+
+
+def _asvd_ranks(linear: nn.Module) -> list[int | None]:
+    return [uniform_rank(linear.in_features, linear.out_features, 1.0 - c) for c in ASVD_CANDIDATES]
+
+
+def measured_ranks(linear: nn.Module) -> list[int | None]:
+    """The ``auto`` allocation's measured signal: ranks at ``MEASURED_FRACTIONS`` of the outputs' rank."""
+    top = min(linear.in_features + int(linear.bias is not None), linear.out_features)
+    return [max(1, round(f * top)) for f in MEASURED_FRACTIONS]

@@ -135,10 +135,14 @@ def accumulate_cross(stats: CrossStats, x: torch.Tensor, x_hat: torch.Tensor) ->
     """Add paired dense inputs ``x`` and compressed inputs ``x̂`` of the same tokens to ``stats``.
 
     The cross product is a float32 GEMM per chunk (``Σ x x̂ᵀ`` is not symmetric, so no ``syrk``), summed
-    in float64 like the second moments.
+    in float64 like the second moments. ``stats.identical`` stays true while every batch pairs equal
+    values (the first stage of the first block: the regression is then local ROM, and its fit skips the
+    solve); comparing costs one read of both, against the GEMM's ``d_in`` multiply-adds per element.
     """
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     x_hat = x_hat.reshape(-1, x_hat.shape[-1]).to(torch.float32)
+    if stats.identical:
+        stats.identical = not stats.dense_outputs and torch.equal(x, x_hat)
     for start in range(0, x.shape[0], CHUNK):
         add_rows(stats.cross, x[start : start + CHUNK].T @ x_hat[start : start + CHUNK])
         stats.xsum += x[start : start + CHUNK].sum(dim=0, dtype=torch.float64)

@@ -49,7 +49,16 @@ C4_SAMPLE = "c4/c4_en_train_sample_1000.jsonl"
 C4_JOINER = " "
 
 PPL_FILES: dict[str, str] = {"wikitext2": WIKITEXT2_TEST, "ptb": PTB_TEST, "c4": C4_SAMPLE}
+VALIDATION_FILES: dict[str, str] = {
+    "wikitext2-valid": "wikitext2_tokenized/wiki.valid.tokens",
+    "ptb-valid": "ptb/ptb.valid.txt",
+}
+"""Validation splits, for choosing constants by measured quality: no reported number uses them (the raw
+WikiText-2 validation file is not in the data directory; the tokenized v1 one is, ``<unk>`` and all)."""
+EVAL_FILES: dict[str, str] = {**PPL_FILES, **VALIDATION_FILES}
 PROTOCOLS: dict[str, str] = {
+    "wikitext2-valid": "WikiText-2 v1 (tokenized) validation, HF rows joined with \\n\\n, tokenizer defaults",
+    "ptb-valid": "PTB validation (ptb_text_only rows) joined with \\n\\n, tokenizer defaults",
     "wikitext2": "WikiText-2 raw test, HF rows joined with \\n\\n, tokenizer defaults",
     "ptb": "PTB test (ptb_text_only rows) joined with \\n\\n, tokenizer defaults",
     "c4": f"C4 sample JSON lines {C4_CALIB_DOCS + 1}-{C4_DOCS} (held out from calibration) joined with ' '",
@@ -115,6 +124,18 @@ def ptb_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.Lo
     return encode_eval(tokenizer, STREAM_JOINER.join(rows))
 
 
+def wikitext2_valid_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
+    """Token ids of the WikiText-2 v1 validation split, rows as the HF builder yields them, ``\\n\\n``."""
+    rows = hf_wikitext_rows(_eval_file(VALIDATION_FILES["wikitext2-valid"], data_dir).read_bytes())
+    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+
+
+def ptb_valid_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
+    """Token ids of the PTB validation split, as :func:`ptb_test_ids` reads the test split."""
+    rows = hf_ptb_rows(_eval_file(VALIDATION_FILES["ptb-valid"], data_dir).read_bytes())
+    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+
+
 def c4_heldout_texts(path: Path) -> list[str]:
     """``text`` of JSON lines ``C4_CALIB_DOCS..`` of the C4 sample (counted in lines, blank docs included)."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -130,8 +151,9 @@ def c4_heldout_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.
 
 
 def dataset_ids(name: str, tokenizer: Any, data_dir: str | Path | None) -> torch.LongTensor:
-    """Token ids of one evaluation stream by name (``wikitext2``, ``ptb`` or ``c4``)."""
-    loaders = {"wikitext2": wikitext2_test_ids, "ptb": ptb_test_ids, "c4": c4_heldout_ids}
+    """Token ids of one evaluation stream by name (``wikitext2``, ``ptb``, ``c4`` or a validation split)."""
+    loaders = {"wikitext2": wikitext2_test_ids, "ptb": ptb_test_ids, "c4": c4_heldout_ids,
+               "wikitext2-valid": wikitext2_valid_ids, "ptb-valid": ptb_valid_ids}  # fmt: skip
     return loaders[name](tokenizer, data_dir)
 
 
@@ -140,7 +162,7 @@ def ppl_data_files(datasets: Sequence[str], data_dir: str | Path | None) -> dict
     root = resolve_data_dir(data_dir)
     if root is None:
         raise RomcompError("no data directory found: pass --data-dir or set $ROMCOMP_DATA_DIR")
-    files = {name: root / PPL_FILES[name] for name in datasets}
+    files = {name: root / EVAL_FILES[name] for name in datasets}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise RomcompError(f"perplexity data missing: {', '.join(missing)} (set --data-dir)")

@@ -14,7 +14,7 @@ from typing import Any
 
 from romcomp.errors import BadInputError
 from romcomp.evaluation.nli_head import FOLDS, HEAD_TASKS
-from romcomp.evaluation.perplexity import PPL_FILES
+from romcomp.evaluation.perplexity import EVAL_FILES, PPL_FILES, VALIDATION_FILES
 from romcomp.evaluation.zeroshot import TASK_FILES
 
 NLI = ["rte", "snli"]
@@ -25,6 +25,7 @@ SPECIAL = ["mmlu", "speed"]
 DEFAULT_TASKS = {"decoder": "ppl,zeroshot,speed", "encoder": "nli"}
 GROUPS: dict[str, list[str]] = {
     "ppl": list(PPL_FILES),
+    "validation": list(VALIDATION_FILES),
     "zeroshot": ZEROSHOT,
     "nli": NLI,
     "winogender": WINOGENDER,
@@ -108,15 +109,15 @@ def parse_tasks(spec: str) -> Tasks:
             continue
         if name in GROUPS:
             wanted.update(GROUPS[name])
-        elif name in PPL_FILES or name in TASK_FILES or name in HEADS or name in SPECIAL:
+        elif name in EVAL_FILES or name in TASK_FILES or name in HEADS or name in SPECIAL:
             wanted.add(name)
         else:
-            known = ", ".join([*GROUPS, *PPL_FILES, *TASK_FILES, *HEADS, *SPECIAL])
+            known = ", ".join([*GROUPS, *EVAL_FILES, *TASK_FILES, *HEADS, *SPECIAL])
             raise BadInputError(f"unknown task {name!r}; known: {known}")
     if not wanted:
         raise BadInputError("--tasks is empty")
     return Tasks(
-        [n for n in PPL_FILES if n in wanted], [n for n in TASK_FILES if n in wanted],
+        [n for n in EVAL_FILES if n in wanted], [n for n in TASK_FILES if n in wanted],
         "mmlu" in wanted, "speed" in wanted, [n for n in HEADS if n in wanted],
     )  # fmt: skip
 

@@ -104,6 +104,7 @@ class CrossStats:
     xsum: torch.Tensor
     is_difference: bool = False  # ``cross`` already turned into ``E[x x̂ᵀ] − E[x̂ x̂ᵀ]`` (see difference())
     dense_outputs: bool = False
+    identical: bool = True  # every pair added so far had x̂ = x bit for bit (see accumulate_cross)
 
     @classmethod
     def zeros(cls, dim: int, dense_outputs: int | None = None) -> CrossStats:
@@ -115,6 +116,7 @@ class CrossStats:
             torch.zeros(dense, dim, dtype=torch.float64),
             torch.zeros(dense, dtype=torch.float64),
             dense_outputs=dense_outputs is not None,
+            identical=dense_outputs is None,
         )
 
     @property
@@ -124,7 +126,9 @@ class CrossStats:
     def difference(self) -> torch.Tensor:
         """``D = E[x x̂ᵀ] − E[x̂ x̂ᵀ]`` (float64, d_in²), computed once *in place of* the cross sums, which
         nothing needs afterwards: the linears of a group (q/k/v) share it and no second d_in² square is
-        allocated. ``D`` is exactly zero where the two streams were the same tensors."""
+        allocated. ``D`` is *not* exactly zero when the two streams were equal: the cross sums are a GEMM
+        and the second moment a ``syrk``, which round differently (≈ 3e-7 relative); :attr:`identical`
+        says when the streams were equal."""
         if self.dense_outputs:
             raise ValueError("paired with the dense outputs: there is no input difference D")
         if not self.is_difference:

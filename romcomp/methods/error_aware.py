@@ -12,11 +12,11 @@ computed like ROM through the whitened ``M₀ L`` (``L Lᵀ = Σ_{x̂ x̂}``). `
 ill-conditioned (few tokens per dimension, near-dead channels), so ``M₀`` is a ridge regression *towards
 the dense weight* rather than towards zero:
 
-    M₀ = argmin E‖W̃ x̃ − M x̃̂‖² + δ‖M − W̃‖²  =  W̃ + W̃ (Σ_{x x̂} − Σ_{x̂ x̂}) (Σ_{x̂ x̂} + δ I)⁻¹
+    M₀ = argmin E‖W̃ x̃ − M x̃̂‖² + ‖(M − W̃) Δ^½‖²  =  W̃ + W̃ (Σ_{x x̂} − Σ_{x̂ x̂}) (Σ_{x̂ x̂} + Δ)⁻¹
 
-with ``δ = DAMP · mean(diag Σ_{x̂ x̂})`` (``DAMP = 1``: a strong ridge, measured best). Directions the
-calibration data barely visits keep the dense weight, and when the two streams are identical (first layer
-of the model, or ``x̂ = x``) ``M₀ = W̃`` exactly, so the fit reduces to local ROM in exact arithmetic.
+with ``Δ = DAMP · diag(Σ_{x̂ x̂})`` (:data:`RIDGE`, :data:`DAMP`: chosen on validation text). Directions the
+calibration data barely visits keep the dense weight, and when the two streams are identical (the first
+stage of the first block: :attr:`CrossStats.identical`) ``M₀ = W̃``, so the fit is local ROM.
 """
 
 from __future__ import annotations
@@ -29,20 +29,39 @@ from romcomp.methods.linalg import symmetric_from_upper, top_eigvecs, top_left_s
 from romcomp.methods.projection import augmented_sigma, augmented_weight, project, whitening_root
 
 DAMP = 1.0
-"""Ridge towards the dense weight, relative to the mean input variance. Measured on SmolLM2-135M at ratio
-0.2 (auto allocation, C4 32 × 512, WikiText-2 40 × 512): 1e-3 → 65.9, 1e-2 → 64.4, 0.1 → 60.2, 0.3 → 58.0,
-**1.0 → 57.2**, 3.0 → 58.6; the limit δ → ∞ is local ROM on the compressed stream (93 in the issue's
-ablation). A full regression (small δ) over-fits the cross moments of the calibration tokens; a strong ridge
-keeps a first-order correction ``W̃ D / δ`` of the upstream error, which is what generalizes."""
+"""The ridge towards the dense weight, relative to each channel's own variance (:data:`RIDGE`). Chosen on
+*validation* text (``tools/sweep_knobs.py``: SmolLM2-135M, C4 32 × 512, ratios 0.2 and 0.3, geometric
+mean of WikiText-2-validation and PTB-validation perplexity over the first 40 × 512 tokens; the table is
+in docs/results.md): per-channel 0.1 → 71.72, 0.3 → 69.40, **1 → 68.39**, 3 → 69.00; the mean-variance
+ridge at 0.3 → 70.76, 1 → 70.02. A full regression (small ridge) over-fits the cross moments of the
+calibration tokens; a strong one keeps a first-order correction of the upstream error, which generalizes."""
+
+
+RIDGE = "channel"
+"""The ridge's shape: ``"channel"`` adds ``DAMP · Σ̃_ii`` to channel ``i`` (a ridge in standardized
+coordinates); ``"mean"`` adds ``DAMP · mean(diag Σ̃)`` to every direction (the shape before issue 24). With
+massive activations — SmolLM2's residual stream has one channel at 84,000× the median from block 12 on —
+the mean is set by those few channels, the ridge is then ~14× the typical channel's variance and most of
+the regression's correction is damped away; the per-channel ridge damps every channel alike (validation
+score 68.39 against 70.02, −2.3%; at 0.3 WikiText-2 validation 63.41 against 66.52)."""
+
+
+def ridge(variances: torch.Tensor) -> torch.Tensor | float:
+    """What :func:`target_map` adds to the diagonal of ``Σ̃`` (float64 ``variances`` = that diagonal)."""
+    mean = float(variances.mean().clamp_min(1e-300))
+    if RIDGE == "channel":
+        return DAMP * variances.clamp_min(1e-6 * mean)  # a dead channel keeps a definite floor
+    return DAMP * mean
 
 
 SOLVE_DTYPE = torch.float32
-"""Precision of the regression's correction ``W D (Σ̃ + δI)⁻¹`` (the product and the Cholesky solve; ``D``
-and ``Σ̃`` are summed in float64, and the correction is added to the float64 weight). ``δ`` = the mean
-variance bounds the condition number by ``d_in + 1``, so float32 carries ≲ d_in·ε ≈ 1e-3 relative error
-*on the correction*, itself a fraction of ``W`` (``tests/test_error_aware.py`` bounds the map's change);
-the float64 path serves when the float32 Cholesky fails. At Llama-2-7B's shapes on this machine's two
-cores: q_proj's map 7.8 → 4.1 s, gate_proj's 17.8 → 10.3 s (whole fit 17.4 → 13.3 s, 37.8 → 29.6 s)."""
+"""Precision of the regression's correction ``W D (Σ̃ + Δ)⁻¹`` (the product and the Cholesky solve; ``D``
+and ``Σ̃`` are summed in float64, and the correction is added to the float64 weight). Jacobi-scaled, the
+per-channel ridge bounds the condition number by ``(d_in + 1 + DAMP) / DAMP``, so float32 carries
+≲ d_in·ε ≈ 1e-3 relative error *on the correction*, itself a fraction of ``W``
+(``tests/test_error_aware.py`` bounds the map's change); the float64 path serves when the float32
+Cholesky fails. At Llama-2-7B's shapes on this machine's two cores: q_proj's map 7.8 → 4.1 s,
+gate_proj's 17.8 → 10.3 s (whole fit 17.4 → 13.3 s, 37.8 → 29.6 s)."""
 
 
 def target_map(weight: torch.Tensor, bias: torch.Tensor | None, stats: CrossStats) -> torch.Tensor:
@@ -66,24 +85,30 @@ def target_map(weight: torch.Tensor, bias: torch.Tensor | None, stats: CrossStat
         product = _numerator(weight, with_bias, stats)
         if product is None:
             return w  # identical streams (first fitted layer, x̂ = x): local ROM exactly
-    delta = DAMP * float(sigma.diagonal().mean().clamp_min(1e-300))
-    sigma.diagonal().add_(delta)
+    sigma.diagonal().add_(ridge(sigma.diagonal()))
+    # Jacobi scaling S = diag(Σ̃ + Δ)^-½ (in place: no third square): S (Σ̃ + Δ) S has a unit diagonal, so
+    # massive channels do not stretch what the float32 Cholesky sees (a per-channel ridge alone would not
+    # bound it), and X = W̃ D̃ S (S (Σ̃ + Δ) S)⁻¹ S is the same map
+    scale = sigma.diagonal().rsqrt()
+    sigma.mul_(scale[:, None]).mul_(scale[None, :])
     for dtype in (SOLVE_DTYPE, torch.float64):
-        root, info = torch.linalg.cholesky_ex(sigma.to(dtype))  # definite: δ > 0 (float32 may still fail)
+        root, info = torch.linalg.cholesky_ex(sigma.to(dtype))  # definite: Δ > 0 (float32 may still fail)
         if int(info) == 0:
             break
     del sigma
-    # (Σ̃ + δI) Xᵀ = (W̃ D̃)ᵀ  →  X = W̃ D̃ (Σ̃ + δI)⁻¹
-    w += torch.cholesky_solve(product.to(root.dtype).T, root).T
+    # (Σ̃ + Δ) Xᵀ = (W̃ D̃)ᵀ  →  X = W̃ D̃ (Σ̃ + Δ)⁻¹
+    product = product.to(root.dtype) * scale.to(root.dtype)[None, :]
+    w += torch.cholesky_solve(product.T, root).T * scale[None, :]
     return w
 
 
 def _numerator(weight: torch.Tensor, with_bias: bool, stats: CrossStats) -> torch.Tensor | None:
-    """``W̃ D̃`` (``SOLVE_DTYPE``) from paired inputs; None when the streams were identical (``D̃ = 0``)."""
+    """``W̃ D̃`` (``SOLVE_DTYPE``) from paired inputs; None when the streams were identical (``D̃ = 0``:
+    the sums alone cannot say so, their GEMM and ``syrk`` round differently)."""
+    if stats.identical:
+        return None
     diff = stats.difference()
     shift = (stats.xsum - stats.hat.xsum) / max(stats.count, 1)  # x̄ − μ̂
-    if not bool(diff.any()) and not (with_bias and bool(shift.any())):
-        return None
     w = weight.to(SOLVE_DTYPE)
     product = w @ diff.to(SOLVE_DTYPE)
     if with_bias:
