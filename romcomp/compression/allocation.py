@@ -32,8 +32,9 @@ from romcomp.errors import BadInputError, RomcompError
 
 ENERGY_EXPONENT = 1.5
 """How strongly a sublayer's share of the residual stream weighs its linears (see :class:`LinearSpectrum`).
-Measured on SmolLM2-135M at ratio 0.2 (error-aware fit, C4 32 × 512, WikiText-2 40 × 512): 0.5 → 72.1,
-1 → 57.2, **1.5 → 54.7**, 2 → 55.1."""
+Chosen on *validation* text (``tools/sweep_knobs.py``, SmolLM2-135M, C4 32 × 512, per-channel ridge; the
+geometric mean of WikiText-2/PTB validation perplexity at ratios 0.2 and 0.3, docs/results.md):
+1 → 70.95, **1.5 → 68.39**, 2 → 70.52."""
 
 
 SIGNAL = "proxy"
