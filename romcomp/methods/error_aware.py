@@ -97,8 +97,10 @@ def target_map(weight: torch.Tensor, bias: torch.Tensor | None, stats: CrossStat
             break
     del sigma
     # (Σ̃ + Δ) Xᵀ = (W̃ D̃)ᵀ  →  X = W̃ D̃ (Σ̃ + Δ)⁻¹
-    product = product.to(root.dtype) * scale.to(root.dtype)[None, :]
-    w += torch.cholesky_solve(product.T, root).T * scale[None, :]
+    product = product.to(root.dtype).mul_(scale.to(root.dtype)[None, :])  # in place: no extra product
+    solved = torch.cholesky_solve(product.T, root).T
+    del product
+    w += solved.mul_(scale.to(solved.dtype)[None, :])
     return w
 
 
