@@ -73,6 +73,7 @@ def test_auto_bundle_prices_the_jump_to_dense_by_everything_it_recovers(monkeypa
     spectra = {s.name: spectrum(min(s.d_in, s.d_out), 1.0) for s in shapes}
     flat = "layers.1.up"
     spectra[flat] = LinearSpectrum(torch.full((64,), 0.02, dtype=torch.float64), 1.0, 1000)
+    monkeypatch.setattr(allocation, "AUTO_DENSE", "step")
     by_step = allocate_auto(shapes, 0.3, spectra)
     assert flat in by_step and by_step[flat] > dense_breakeven(shapes[6]) // 2  # factored, and large
     monkeypatch.setattr(allocation, "AUTO_DENSE", "bundle")

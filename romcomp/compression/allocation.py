@@ -169,10 +169,12 @@ def _water_fill(sizes: Sequence[int], weights: Sequence[float], ratio: float, ca
         capped |= over
 
 
-AUTO_DENSE = "step"
-"""How ``auto`` prices keeping a matrix dense: ``"step"`` only at break-even, as one more direction
-(worth that direction's eigenvalue); ``"bundle"`` at every rank, as the jump to dense (worth every
-eigenvalue not yet kept, for what the jump costs), taken when that is the better buy per parameter."""
+AUTO_DENSE = "bundle"
+"""How ``auto`` prices keeping a matrix dense: ``"bundle"`` offers the jump to dense at every rank, worth
+every eigenvalue not yet kept for what the jump costs, taken when that is the better buy per parameter;
+``"step"`` (before issue 24) only at break-even, as one more direction worth one eigenvalue — biased
+against dense, since going dense recovers all the remaining ones. Chosen on validation text
+(``tools/sweep_knobs.py``, SmolLM2-135M, C4 32 × 512, docs/results.md): step 68.39, **bundle 67.79**."""
 
 
 def allocate_auto(
@@ -182,11 +184,12 @@ def allocate_auto(
 
     Each matrix starts at rank 1. The next direction ``i`` of matrix ``m`` is worth ``w_m λ_i`` of
     residual-stream damage avoided and costs ``d_in + d_out`` parameters (times the experts of a fused MoE
-    projection, which share one rank); directions are taken in order of worth per parameter (a matrix's
-    worth per direction only falls, so this is the Lagrangian optimum of the additive proxy) while the
-    kept parameters stay within ``(1 − ratio)`` of dense. Reaching break-even turns a matrix dense (cost
-    ``d_in·d_out``, never more than its factors); with ``AUTO_DENSE = "bundle"`` the jump to dense is on
-    offer at every rank (see :data:`AUTO_DENSE`). Deterministic: ties are broken by the order of ``shapes``.
+    projection, which share one rank); directions are taken in order of worth per parameter while the
+    kept parameters stay within ``(1 − ratio)`` of dense (a matrix's worth per direction only falls, so
+    with step pricing this is the Lagrangian optimum of the additive proxy). Reaching break-even turns a
+    matrix dense (cost ``d_in·d_out``, never more than its factors); with ``AUTO_DENSE = "bundle"`` (the
+    default) the jump to dense is on offer at every rank, a greedy step rather than an exact optimum (see
+    :data:`AUTO_DENSE`). Deterministic: ties are broken by the order of ``shapes``.
     """
     dense_total = sum(s.dense_params for s in shapes)
     budget = (1.0 - ratio) * dense_total
