@@ -48,6 +48,12 @@ MEASURED_FRACTIONS = (0.125, 0.25, 0.5)
 """Where the ``"block"`` signal cuts each linear, as fractions of its outputs' rank."""
 
 
+def measured_cuts(top: int) -> list[int]:
+    """The ranks the ``"block"`` signal cuts a linear to, given its outputs' rank ``top``: the pre-pass
+    measures at them and :meth:`LinearSpectrum.measured_weight` reads the spectrum's tails at them."""
+    return [max(1, round(f * top)) for f in MEASURED_FRACTIONS]
+
+
 @dataclass
 class LinearSpectrum:
     """What the dense pre-pass measured for one linear.
@@ -77,9 +83,8 @@ class LinearSpectrum:
     def measured_weight(self) -> float:
         """Measured damage per unit of discarded output energy: ``Σ_j damage_j / Σ_j tail(k_j)`` over the
         measured cuts ``k_j`` (a ratio of sums: the large cuts, measured most precisely, dominate)."""
-        lam = self.eigvals.clamp_min(0)
-        n = lam.numel()
-        tails = sum(float(lam[max(1, round(f * n)) :].sum()) for f in MEASURED_FRACTIONS)
+        tail = _tails(self.eigvals)
+        tails = sum(float(tail[k]) for k in measured_cuts(self.eigvals.numel()))
         damage = float(self.measured.clamp_min(0).sum())
         return damage / tails if tails > 0 else 0.0
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from romcomp.compression.activations import Boundary
-from romcomp.compression.allocation import ASVD_CANDIDATES, MEASURED_FRACTIONS
+from romcomp.compression.allocation import ASVD_CANDIDATES, measured_cuts
 from romcomp.compression.blocks import BlockIO
 from romcomp.compression.ranks import uniform_rank
 from romcomp.methods.base import Factors
@@ -96,5 +96,4 @@ def _asvd_ranks(linear: nn.Module) -> list[int | None]:
 
 def measured_ranks(linear: nn.Module) -> list[int | None]:
     """The ``auto`` allocation's measured signal: ranks at ``MEASURED_FRACTIONS`` of the outputs' rank."""
-    top = min(linear.in_features + int(linear.bias is not None), linear.out_features)
-    return [max(1, round(f * top)) for f in MEASURED_FRACTIONS]
+    return measured_cuts(min(linear.in_features + int(linear.bias is not None), linear.out_features))

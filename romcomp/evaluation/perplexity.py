@@ -111,8 +111,7 @@ def wikitext2_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> to
     line by line (non-blank lines keep their ``\\n``, blank lines become ``""``). The joined text is
     *not* the file content: it has extra newlines, and perplexities depend on them.
     """
-    rows = hf_wikitext_rows(_eval_file(WIKITEXT2_TEST, data_dir).read_bytes())
-    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+    return _joined_rows(hf_wikitext_rows, WIKITEXT2_TEST, tokenizer, data_dir)
 
 
 def ptb_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
@@ -120,20 +119,22 @@ def ptb_test_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.Lo
 
     This is SVD-LLM's protocol (same joiner as for WikiText-2); GPTQ's ``ptb-new`` joins with ``" "``.
     """
-    rows = hf_ptb_rows(_eval_file(PTB_TEST, data_dir).read_bytes())
-    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+    return _joined_rows(hf_ptb_rows, PTB_TEST, tokenizer, data_dir)
 
 
 def wikitext2_valid_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
     """Token ids of the WikiText-2 v1 validation split, rows as the HF builder yields them, ``\\n\\n``."""
-    rows = hf_wikitext_rows(_eval_file(VALIDATION_FILES["wikitext2-valid"], data_dir).read_bytes())
-    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+    return _joined_rows(hf_wikitext_rows, VALIDATION_FILES["wikitext2-valid"], tokenizer, data_dir)
 
 
 def ptb_valid_ids(tokenizer: Any, data_dir: str | Path | None = None) -> torch.LongTensor:
     """Token ids of the PTB validation split, as :func:`ptb_test_ids` reads the test split."""
-    rows = hf_ptb_rows(_eval_file(VALIDATION_FILES["ptb-valid"], data_dir).read_bytes())
-    return encode_eval(tokenizer, STREAM_JOINER.join(rows))
+    return _joined_rows(hf_ptb_rows, VALIDATION_FILES["ptb-valid"], tokenizer, data_dir)
+
+
+def _joined_rows(rows: Any, relpath: str, tokenizer: Any, data_dir: str | Path | None) -> torch.LongTensor:
+    """The file's rows (``rows(bytes)``, as the HF builder yields them) joined with ``STREAM_JOINER``."""
+    return encode_eval(tokenizer, STREAM_JOINER.join(rows(_eval_file(relpath, data_dir).read_bytes())))
 
 
 def c4_heldout_texts(path: Path) -> list[str]:
