@@ -228,7 +228,7 @@ def test_fallback_runs_end_to_end_and_is_recorded(tiny_llama, tmp_path, calib, m
 
     def tight(dims, n_samples, seq_len, budget, streams, cross, *args):
         if cross and len(dims.cross_shapes) == len(dims.linear_shapes):  # down_proj regressed on inputs
-            raise BadInputError("--max-ram too small (simulated)")
+            raise memory.PlanRefused("--max-ram too small (simulated)", 3 << 30)
         return real_plan(dims, n_samples, seq_len, budget, streams, cross, *args)
 
     monkeypatch.setattr(prepare, "plan", tight)
@@ -239,7 +239,7 @@ def test_fallback_runs_end_to_end_and_is_recorded(tiny_llama, tmp_path, calib, m
     manifest = json.loads((tmp_path / "o" / ".romcomp" / "manifest.json").read_text())
     assert "narrow linears fitted from their outputs" in manifest["plan"]["fallback"]
     assert manifest["args"]["narrow_outputs"] is True
-    assert "fallback: the error-aware fit needs about" in headers[0]
+    assert "fallback: the error-aware fit needs about 3.00 GiB" in headers[0]  # the refusal's own number
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 

@@ -281,10 +281,20 @@ def plan(dims: ModelDims, n_samples: int, seq_len: int, budget: int, streams: in
                 if best is None or total < best[0]:
                     best = (total, parts)
     assert best is not None
-    raise BadInputError(
+    raise PlanRefused(
         f"--max-ram {fmt_bytes(budget)} is too small for this model and calibration set; "
-        f"the smallest plan needs about {fmt_bytes(best[0])} (activations spilled to disk, batch 1)"
+        f"the smallest plan needs about {fmt_bytes(best[0])} (activations spilled to disk, batch 1)",
+        best[0],
     )
+
+
+class PlanRefused(BadInputError):
+    """No configuration fits the cap; ``needed`` is the smallest plan's bytes (margin included), so a
+    caller stepping down to a cheaper fit can say what the refused one needs without re-estimating it."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
 
 
 def expert_chunks(n: int) -> list[int | None]:

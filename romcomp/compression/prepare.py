@@ -16,15 +16,7 @@ from romcomp.compression import distributed
 from romcomp.compression.blocks import narrower_at_output, outputs_narrower
 from romcomp.compression.config import RunSpec
 from romcomp.compression.experts import projection_shape
-from romcomp.compression.memory import (
-    PLAN_MARGIN,
-    MemoryPlan,
-    ModelDims,
-    estimate,
-    fmt_bytes,
-    peak_bytes,
-    plan,
-)
+from romcomp.compression.memory import MemoryPlan, ModelDims, PlanRefused, fmt_bytes, plan
 from romcomp.compression.ranks import LinearShape
 from romcomp.errors import BadInputError
 from romcomp.methods.registry import methods_with
@@ -115,15 +107,12 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
 
     try:
         return spec, planned(spec, streams)
-    except BadInputError as refused:
+    except PlanRefused as refused:
         if spec.fit_chosen or spec.fit != "error-aware":
             raise
         first = refused
-    full_dims = dims(False)
-    full = int(peak_bytes(estimate(full_dims, share(spec.n_samples), spec.seq_len, 1, False, streams, True,
-                                   spec.sequential, grads, spec.prepass_samples is not None,
-                                   1 if full_dims.n_experts else None)) * (1 + PLAN_MARGIN))  # fmt: skip
-    why = f"the error-aware fit needs about {fmt_bytes(full)}, more than --max-ram {fmt_bytes(budget)}: "
+    needed, cap = fmt_bytes(first.needed), fmt_bytes(budget)
+    why = f"the error-aware fit needs about {needed}, more than --max-ram {cap}: "
     steps = []
     if spec.method.decompose_cross_outputs is not None:
         steps.append(
@@ -134,7 +123,7 @@ def plan_or_fall_back(spec: RunSpec, dims: DimsFor, streams: int) -> tuple[RunSp
     for step, n_streams, what in steps:
         try:
             mem = planned(step, n_streams)
-        except BadInputError as refused:
+        except PlanRefused as refused:
             first = refused  # the leanest step's refusal names the smallest budget that would work
             continue
         return replace(step, fallback=why + what), mem
