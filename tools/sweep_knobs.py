@@ -31,17 +31,19 @@ KNOBS: dict[str, tuple[str, str, type]] = {
     "SIGNAL": ("romcomp.compression.allocation", "SIGNAL", str),
     "AUTO_DENSE": ("romcomp.compression.allocation", "AUTO_DENSE", str),
 }
+CONFIG = ("allocation", "fit", "method")  # lower-case point keys: a configuration to compare against
 VALIDATION = ("wikitext2-valid", "ptb-valid")
 ENCODER_LINES = 500
 
 
 def parse_point(spec: str) -> dict[str, str]:
-    """``"DAMP=0.3,RIDGE=channel"`` -> ``{"DAMP": "0.3", "RIDGE": "channel"}`` (unknown knobs refused)."""
+    """``"DAMP=0.3,RIDGE=channel"`` -> ``{"DAMP": "0.3", "RIDGE": "channel"}`` (unknown knobs refused);
+    ``CONFIG`` keys (``allocation=uniform,fit=local``) name a baseline configuration scored the same way."""
     point = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, _, value = part.partition("=")
-        if key not in KNOBS or not value:
-            raise SystemExit(f"bad --point part {part!r}; knobs: {', '.join(KNOBS)}")
+        if key not in (*KNOBS, *CONFIG) or not value:
+            raise SystemExit(f"bad --point part {part!r}; knobs: {', '.join((*KNOBS, *CONFIG))}")
         point[key] = value
     return point
 
@@ -49,6 +51,8 @@ def parse_point(spec: str) -> dict[str, str]:
 def apply(point: dict[str, str]) -> None:
     """Set each knob's module constant in this process (the sweep's only way in: no option ships)."""
     for key, value in point.items():
+        if key in CONFIG:
+            continue
         module, attr, kind = KNOBS[key]
         mod = importlib.import_module(module)
         if not hasattr(mod, attr):
@@ -66,9 +70,10 @@ def one(args: argparse.Namespace) -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     out = args.work / "out"
     start = time.perf_counter()
+    baseline = {k: v for k, v in point.items() if k in CONFIG}
     cfg = CompressConfig(model=args.model, ratio=ratios, out=out, n_samples=args.n_samples or None,
                          threads=args.threads, max_ram=args.max_ram, progress=False, overwrite=True,
-                         data_dir=args.data_dir)  # fmt: skip
+                         data_dir=args.data_dir, **baseline)  # fmt: skip
     results = run_many(cfg)
     seconds = time.perf_counter() - start
     rows = []
