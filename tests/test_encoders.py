@@ -136,3 +136,22 @@ def test_perplexity_option_is_refused_for_an_encoder(tiny_bert, tmp_path, calib_
         proc.returncode == 2 and "is an encoder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     )
     assert not out.exists()
+
+
+def test_encoders_price_dense_by_their_own_constant(tiny_bert, tmp_path, calib_text, monkeypatch):
+    """``auto`` on an encoder reads :data:`AUTO_DENSE_ENCODER` (chosen on MiniLM's validation text), not the
+    decoders' :data:`AUTO_DENSE`: changing the decoders' pricing leaves an encoder's ranks alone, changing
+    the encoders' moves them."""
+    from romcomp.compression import allocation
+
+    def ranks(name: str) -> dict[str, int]:
+        out = tmp_path / name
+        run(CompressConfig(model=str(tiny_bert), ratio=0.3, out=out, calib=str(calib_text), **SMALL))
+        return json.loads((out / ".romcomp" / "manifest.json").read_text())["ranks"]
+
+    default = ranks("default")
+    monkeypatch.setattr(allocation, "AUTO_DENSE", "bundle" if allocation.AUTO_DENSE == "step" else "step")
+    assert ranks("decoder-pricing-changed") == default
+    monkeypatch.setattr(allocation, "AUTO_DENSE_ENCODER", "step")
+    by_step = ranks("encoder-step")
+    assert by_step != default, default

@@ -30,6 +30,7 @@ KNOBS: dict[str, tuple[str, str, type]] = {
     "ENERGY_EXPONENT": ("romcomp.compression.allocation", "ENERGY_EXPONENT", float),
     "SIGNAL": ("romcomp.compression.allocation", "SIGNAL", str),
     "AUTO_DENSE": ("romcomp.compression.allocation", "AUTO_DENSE", str),
+    "AUTO_DENSE_ENCODER": ("romcomp.compression.allocation", "AUTO_DENSE_ENCODER", str),
 }
 CONFIG = ("allocation", "fit", "method")  # lower-case point keys: a configuration to compare against
 VALIDATION = ("wikitext2-valid", "ptb-valid")

@@ -174,16 +174,32 @@ def _water_fill(sizes: Sequence[int], weights: Sequence[float], ratio: float, ca
         capped |= over
 
 
-AUTO_DENSE = "bundle"
-"""How ``auto`` prices keeping a matrix dense: ``"bundle"`` offers the jump to dense at every rank, worth
-every eigenvalue not yet kept for what the jump costs, taken when that is the better buy per parameter;
-``"step"`` (before issue 24) only at break-even, as one more direction worth one eigenvalue — biased
-against dense, since going dense recovers all the remaining ones. Chosen on validation text
-(``tools/sweep_knobs.py``, SmolLM2-135M, C4 32 × 512, docs/results.md): step 68.39, **bundle 67.79**."""
+AUTO_DENSE = "step"
+"""How ``auto`` prices keeping a decoder's matrix dense: ``"step"`` only at break-even, as one more
+direction worth one eigenvalue (the Lagrangian optimum of the additive proxy); ``"bundle"`` offers the
+jump to dense at every rank, worth every eigenvalue not yet kept for what the jump costs (a greedy step).
+Chosen on validation text over three ratios and two models (``tools/sweep_knobs.py``, C4 32 × 512,
+docs/results.md): SmolLM2-135M a tie (step 56.58, bundle 56.59), Qwen2.5-Coder-0.5B step better at every
+ratio (0.1 / 0.2 / 0.3 WikiText-2 validation 33.08 / 41.27 / 51.04 vs 33.91 / 42.45 / 54.22)."""
+
+AUTO_DENSE_ENCODER = "bundle"
+""":data:`AUTO_DENSE` for encoders, chosen on the same validation text: all-MiniLM-L6-v2 (512 × 64) keeps
+a mean embedding cosine of 0.965 / 0.934 / 0.887 with the dense model at 0.1 / 0.2 / 0.3 under ``bundle``
+against 0.958 / 0.926 / 0.845 under ``step`` (WikiText-2 validation lines; PTB alike): its small square
+matrices have flat spectra, for which going dense is often the better buy."""
+
+
+def dense_pricing(encoder: bool) -> str:
+    """The dense pricing ``auto`` uses for a model of this kind (:data:`AUTO_DENSE`,
+    :data:`AUTO_DENSE_ENCODER`)."""
+    return AUTO_DENSE_ENCODER if encoder else AUTO_DENSE
 
 
 def allocate_auto(
-    shapes: Sequence[LinearShape], ratio: float, spectra: dict[str, LinearSpectrum]
+    shapes: Sequence[LinearShape],
+    ratio: float,
+    spectra: dict[str, LinearSpectrum],
+    pricing: str | None = None,
 ) -> dict[str, int]:
     """Global greedy allocation over every output direction of every linear.
 
@@ -192,9 +208,10 @@ def allocate_auto(
     projection, which share one rank); directions are taken in order of worth per parameter while the
     kept parameters stay within ``(1 − ratio)`` of dense (a matrix's worth per direction only falls, so
     with step pricing this is the Lagrangian optimum of the additive proxy). Reaching break-even turns a
-    matrix dense (cost ``d_in·d_out``, never more than its factors); with ``AUTO_DENSE = "bundle"`` (the
-    default) the jump to dense is on offer at every rank, a greedy step rather than an exact optimum (see
-    :data:`AUTO_DENSE`). Deterministic: ties are broken by the order of ``shapes``.
+    matrix dense (cost ``d_in·d_out``, never more than its factors); with ``pricing="bundle"`` (encoders'
+    default, :func:`dense_pricing`; ``None`` reads :data:`AUTO_DENSE`) the jump to dense is on offer at
+    every rank, a greedy step rather than an exact optimum. Deterministic: ties are broken by the order
+    of ``shapes``.
     """
     dense_total = sum(s.dense_params for s in shapes)
     budget = (1.0 - ratio) * dense_total
@@ -204,7 +221,7 @@ def allocate_auto(
         raise BadInputError(f"--ratio {ratio:g} leaves less than rank 1 per linear")
     weights = {s.name: spectra[s.name].weight for s in shapes}
     tails = {s.name: _tails(spectra[s.name].eigvals) for s in shapes}
-    bundle = AUTO_DENSE == "bundle"
+    bundle = (pricing or AUTO_DENSE) == "bundle"
     no_jump: set[str] = set()  # the jump to dense no longer fits the budget (it never will again)
 
     def key(s: LinearShape, k: int) -> tuple[float, bool]:

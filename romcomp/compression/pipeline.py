@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -19,6 +20,7 @@ from romcomp.compression.allocation import (
     allocate_last_n,
     allocate_uniform,
     allocate_v2,
+    dense_pricing,
 )
 from romcomp.compression.blocks import BlockIO, outputs_narrower
 from romcomp.compression.config import RunSpec
@@ -35,6 +37,7 @@ from romcomp.compression.result import CompressResult
 from romcomp.compression.runner import RunClock, whole_run
 from romcomp.errors import BadInputError, RomcompError
 from romcomp.model.checkpoint import LazyCheckpoint
+from romcomp.model.shell import is_encoder
 
 DATA_DRIVEN = {"auto": allocate_auto, "v2": allocate_v2, "asvd": allocate_asvd}
 """Allocations that need the dense pre-pass's spectra (``asvd``: its sensitivities too)."""
@@ -250,11 +253,14 @@ def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
                       p.mem.expert_chunk)  # fmt: skip
     seconds = round(time.perf_counter() - t0, 3)
     per_block = profile_times(targets[0].output.work, p.n_blocks)
+    allocate = DATA_DRIVEN[p.spec.allocation]
+    if p.spec.allocation == "auto":
+        allocate = partial(allocate_auto, pricing=dense_pricing(is_encoder(p.hf_config)))
     for t in targets:
         t.manifest.profile_seconds = seconds
         t.manifest.profile_times = per_block
         if not t.ranks:
-            t.ranks = DATA_DRIVEN[p.spec.allocation](p.shapes, t.manifest.args["ratio"], spectra)
+            t.ranks = allocate(p.shapes, t.manifest.args["ratio"], spectra)
             t.ranks = world.broadcast_object(t.ranks)  # rank 0's, should another machine round otherwise
             t.manifest.ranks = t.ranks
             t.output.save_manifest(t.manifest)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from romcomp.compression.allocation import LinearSpectrum, allocate_auto
+from romcomp.compression.allocation import LinearSpectrum, allocate_auto, dense_pricing
 from romcomp.compression.config import CompressConfig, RunSpec
 from romcomp.compression.ranks import LinearShape, allocate_uniform
 from romcomp.errors import BadInputError
@@ -161,6 +161,7 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
     from romcomp.compression.prepare import prepare
     from romcomp.compression.profile import profile
     from romcomp.evaluation.plots import require_matplotlib
+    from romcomp.model.shell import is_encoder
     from romcomp.studies.analyze_report import write_report
 
     t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
     ratio = spec.ratios[0]
     linears = collect(p.ckpt, p.arch, p.shapes, spectra)
     uniform = allocate_uniform(p.shapes, ratio)
-    auto = allocate_auto(p.shapes, ratio, spectra)
+    auto = allocate_auto(p.shapes, ratio, spectra, pricing=dense_pricing(is_encoder(p.hf_config)))
     rows = [a.record(uniform.get(a.name), auto.get(a.name)) for a in linears]
     seconds = round(time.perf_counter() - t0, 1)
     result = AnalyzeResult(
