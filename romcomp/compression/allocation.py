@@ -189,17 +189,11 @@ against 0.958 / 0.926 / 0.845 under ``step`` (WikiText-2 validation lines; PTB a
 matrices have flat spectra, for which going dense is often the better buy."""
 
 
-def dense_pricing(encoder: bool) -> str:
-    """The dense pricing ``auto`` uses for a model of this kind (:data:`AUTO_DENSE`,
-    :data:`AUTO_DENSE_ENCODER`)."""
-    return AUTO_DENSE_ENCODER if encoder else AUTO_DENSE
-
-
 def allocate_auto(
     shapes: Sequence[LinearShape],
     ratio: float,
     spectra: dict[str, LinearSpectrum],
-    pricing: str | None = None,
+    encoder: bool = False,
 ) -> dict[str, int]:
     """Global greedy allocation over every output direction of every linear.
 
@@ -208,9 +202,9 @@ def allocate_auto(
     projection, which share one rank); directions are taken in order of worth per parameter while the
     kept parameters stay within ``(1 − ratio)`` of dense (a matrix's worth per direction only falls, so
     with step pricing this is the Lagrangian optimum of the additive proxy). Reaching break-even turns a
-    matrix dense (cost ``d_in·d_out``, never more than its factors); with ``pricing="bundle"`` (encoders'
-    default, :func:`dense_pricing`; ``None`` reads :data:`AUTO_DENSE`) the jump to dense is on offer at
-    every rank, a greedy step rather than an exact optimum. Deterministic: ties are broken by the order
+    matrix dense (cost ``d_in·d_out``, never more than its factors); with bundle pricing (an ``encoder``'s
+    default, :data:`AUTO_DENSE_ENCODER`; a decoder reads :data:`AUTO_DENSE`) the jump to dense is on offer
+    at every rank, a greedy step rather than an exact optimum. Deterministic: ties are broken by the order
     of ``shapes``.
     """
     dense_total = sum(s.dense_params for s in shapes)
@@ -221,7 +215,7 @@ def allocate_auto(
         raise BadInputError(f"--ratio {ratio:g} leaves less than rank 1 per linear")
     weights = {s.name: spectra[s.name].weight for s in shapes}
     tails = {s.name: _tails(spectra[s.name].eigvals) for s in shapes}
-    bundle = (pricing or AUTO_DENSE) == "bundle"
+    bundle = (AUTO_DENSE_ENCODER if encoder else AUTO_DENSE) == "bundle"
     no_jump: set[str] = set()  # the jump to dense no longer fits the budget (it never will again)
 
     def key(s: LinearShape, k: int) -> tuple[float, bool]:

@@ -20,7 +20,6 @@ from romcomp.compression.allocation import (
     allocate_last_n,
     allocate_uniform,
     allocate_v2,
-    dense_pricing,
 )
 from romcomp.compression.blocks import BlockIO, outputs_narrower
 from romcomp.compression.config import RunSpec
@@ -255,7 +254,7 @@ def data_driven_ranks(p: Prepared, targets: list[Target], io: BlockIO) -> None:
     per_block = profile_times(targets[0].output.work, p.n_blocks)
     allocate = DATA_DRIVEN[p.spec.allocation]
     if p.spec.allocation == "auto":
-        allocate = partial(allocate_auto, pricing=dense_pricing(is_encoder(p.hf_config)))
+        allocate = partial(allocate_auto, encoder=is_encoder(p.hf_config))
     for t in targets:
         t.manifest.profile_seconds = seconds
         t.manifest.profile_times = per_block

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from romcomp.compression.allocation import LinearSpectrum, allocate_auto, dense_pricing
+from romcomp.compression.allocation import LinearSpectrum, allocate_auto
 from romcomp.compression.config import CompressConfig, RunSpec
 from romcomp.compression.ranks import LinearShape, allocate_uniform
 from romcomp.errors import BadInputError
@@ -179,7 +179,7 @@ def analyze(cfg: CompressConfig) -> AnalyzeResult:
     ratio = spec.ratios[0]
     linears = collect(p.ckpt, p.arch, p.shapes, spectra)
     uniform = allocate_uniform(p.shapes, ratio)
-    auto = allocate_auto(p.shapes, ratio, spectra, pricing=dense_pricing(is_encoder(p.hf_config)))
+    auto = allocate_auto(p.shapes, ratio, spectra, encoder=is_encoder(p.hf_config))
     rows = [a.record(uniform.get(a.name), auto.get(a.name)) for a in linears]
     seconds = round(time.perf_counter() - t0, 1)
     result = AnalyzeResult(
